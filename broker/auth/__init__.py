@@ -1,0 +1,1 @@
+"""Who a connection is and which channels it may subscribe."""

@@ -1,0 +1,110 @@
+"""One open stream's write state: pending frames, coalescing, slow-consumer check.
+
+The hub never awaits a connection. It appends pre-encoded frames to
+``pending`` and the hub's flush writes each dirty connection's frames in one
+``transport.write`` per loop iteration. A connection whose kernel-side buffer
+grows past the limit is a slow consumer and is aborted instead of buffering
+without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.hub import Published
+
+
+def chunk(frame: bytes) -> bytes:
+    """Frame bytes as one HTTP/1.1 chunk (the transport is written directly)."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
+class Connection:
+    """A subscriber as the hub sees it; the HTTP handler owns its lifetime.
+
+    ``paused`` connections collect frames without writing them: the handler
+    registers a stream before writing its preamble (and, later, a replay), so
+    nothing published meanwhile is lost, then calls :meth:`start`.
+    """
+
+    __slots__ = (
+        "bytes_sent",
+        "channels",
+        "chunked",
+        "close_reason",
+        "done",
+        "events_sent",
+        "last_id",
+        "opened_at",
+        "paused",
+        "pending",
+        "remote",
+        "slot",
+        "tenant",
+        "transport",
+        "user",
+        "wrote",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        *,
+        chunked: bool,
+        channels: tuple[str, ...],
+        user: str | None = None,
+        tenant: str | None = None,
+        remote: str = "",
+    ) -> None:
+        self.transport = transport
+        self.chunked = chunked
+        self.channels = channels
+        self.user = user
+        self.tenant = tenant
+        self.remote = remote
+        self.pending: list[bytes] = []
+        self.paused = True
+        self.wrote = False  # anything written since the last heartbeat visit
+        self.last_id: str | None = None
+        self.slot = 0
+        self.events_sent = 0
+        self.bytes_sent = 0
+        self.opened_at = time.monotonic()
+        self.close_reason: str | None = None
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    def frame_bytes(self, pub: Published) -> bytes:
+        return pub.chunk if self.chunked else pub.frame
+
+    def wrap(self, frame: bytes) -> bytes:
+        """A connection-specific frame (control events, heartbeats) in this stream's framing."""
+        return chunk(frame) if self.chunked else frame
+
+    def write_now(self, data: bytes) -> int:
+        """Write already-framed bytes; returns the transport's buffered byte count."""
+        transport = self.transport
+        if transport.is_closing():
+            self.finish("client_closed")
+            return 0
+        transport.write(data)
+        self.bytes_sent += len(data)
+        self.wrote = True
+        return transport.get_write_buffer_size()
+
+    def finish(self, reason: str, *, abort: bool = False) -> None:
+        """Mark the stream over; the HTTP handler waiting on ``done`` ends the response."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self.pending.clear()
+        if abort:
+            self.transport.abort()
+        if not self.done.done():
+            self.done.set_result(reason)

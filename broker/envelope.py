@@ -1,0 +1,158 @@
+"""Decoding what publishers send into :class:`Event` values, free of I/O.
+
+Every rejection raises :class:`~broker.errors.Rejected` whose ``code`` is the
+``reason`` label of ``sse_broker_events_rejected_total`` (a small fixed set, so
+the metric's cardinality stays bounded).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from broker.errors import Rejected
+
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-.:@=#/]{1,200}")
+CHANNEL_RULE = "1-200 characters from A-Z a-z 0-9 _ - . : @ = # /"
+RESERVED_PREFIX = "broker."
+MAX_EVENT_NAME = 200
+_JSON_SPACE = (b" ", b"\t", b"\r", b"\n")
+
+# The fixed set of rejection reasons (metric label values).
+REJECT_REASONS = (
+    "too_large",
+    "bad_channel",
+    "bad_encoding",
+    "bad_event",
+    "reserved_event",
+    "bad_tenant",
+    "bad_users",
+    "bad_retain",
+    "retain_with_users",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as decoded from a publisher, before the broker gives it an id.
+
+    ``data`` is the text sent to clients (compact JSON, or the string verbatim).
+    ``tenant``/``users`` restrict the audience; ints from PHP arrive as their
+    decimal strings. ``retain`` is the retained-state key, if any.
+    """
+
+    channel: str
+    data: str
+    event: str = "message"
+    tenant: str | None = None
+    users: frozenset[str] | None = None
+    retain: str | None = None
+
+
+def valid_channel(name: str) -> bool:
+    return CHANNEL_RE.fullmatch(name) is not None
+
+
+def check_channel(name: str) -> str:
+    """``name`` itself when it is a valid channel name; Rejected (``bad_channel``) otherwise."""
+    if not valid_channel(name):
+        raise Rejected(f"invalid channel name {name[:220]!r}: {CHANNEL_RULE}", code="bad_channel")
+    return name
+
+
+def _id_string(value: Any, field: str, code: str) -> str:
+    # bool is an int subclass: PHP's true must not become tenant "True".
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise Rejected(f"field {field!r} must be a non-empty string or an integer", code=code)
+
+
+def _event_name(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_EVENT_NAME:
+        raise Rejected(
+            f"field 'event' must be a string of 1-{MAX_EVENT_NAME} characters", code="bad_event"
+        )
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise Rejected("field 'event' must not contain CR, LF or NUL", code="bad_event")
+    if value.startswith(RESERVED_PREFIX):
+        raise Rejected(
+            f"event names starting {RESERVED_PREFIX!r} are reserved: {value!r}",
+            code="reserved_event",
+        )
+    return value
+
+
+def data_text(value: Any) -> str:
+    """Payload text as clients see it: strings verbatim, anything else compact JSON."""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+def from_fields(channel: str, fields: dict[str, Any]) -> Event:
+    """Validate envelope fields (already parsed JSON) into an Event."""
+    event = _event_name(fields["event"]) if fields.get("event") is not None else "message"
+    tenant = fields.get("tenant")
+    if tenant is not None:
+        tenant = _id_string(tenant, "tenant", "bad_tenant")
+    users_raw = fields.get("users")
+    users: frozenset[str] | None = None
+    if users_raw is not None:
+        if not isinstance(users_raw, list) or not users_raw:
+            raise Rejected("field 'users' must be a non-empty list", code="bad_users")
+        users = frozenset(_id_string(u, "users", "bad_users") for u in users_raw)
+    retain_raw = fields.get("retain")
+    retain: str | None = None
+    if retain_raw is True:
+        retain = event
+    elif isinstance(retain_raw, str) and retain_raw:
+        retain = retain_raw
+    elif retain_raw is not None and retain_raw is not False:
+        raise Rejected("field 'retain' must be a non-empty string or true", code="bad_retain")
+    if retain is not None and users is not None:
+        raise Rejected(
+            "field 'retain' cannot be combined with 'users' (retained state is per channel "
+            "and tenant)",
+            code="retain_with_users",
+        )
+    return Event(
+        channel=channel,
+        data=data_text(fields["data"]),
+        event=event,
+        tenant=tenant,
+        users=users,
+        retain=retain,
+    )
+
+
+def decode_native(channel: str, payload: bytes, max_bytes: int) -> Event:
+    """Decode one Redis message of the native format.
+
+    A JSON object with a ``data`` key is an envelope; anything else is delivered
+    whole as text with event ``message`` (so ``redis-cli PUBLISH sse:news hi``
+    works). Raises Rejected for bad channels, oversize or non-UTF-8 payloads and
+    envelopes whose fields have the wrong types.
+    """
+    if len(payload) > max_bytes:
+        raise Rejected(
+            f"message of {len(payload)} bytes exceeds limits.max_event_bytes = {max_bytes}",
+            code="too_large",
+        )
+    check_channel(channel)
+    if payload[:1] == b"{" or (payload[:1] in _JSON_SPACE and payload.lstrip()[:1] == b"{"):
+        try:
+            fields = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            fields = None
+        if isinstance(fields, dict) and "data" in fields:
+            return from_fields(channel, fields)
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        raise Rejected("message is not valid UTF-8", code="bad_encoding") from None
+    return Event(channel=channel, data=text)

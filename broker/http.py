@@ -1,0 +1,187 @@
+"""The public listener: ``GET /events`` and health.
+
+A stream request is checked (channels, grants, readiness, limits) before any
+byte is sent, so every refusal is a proper status with a JSON body. Retryable
+refusals to an EventSource become a 200 carrying ``broker.reconnect``,
+because a browser gives up for good on any other status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+from broker import control, sse
+from broker.app import Broker
+from broker.auth.grants import public_allows
+from broker.connection import Connection
+from broker.envelope import check_channel
+from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable
+
+log = logging.getLogger(__name__)
+
+BROKER = web.AppKey("broker", Broker)
+
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+
+
+def json_response(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(exc: BrokerError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Retryable) else None
+    return json_response(exc.status, exc.to_json(), headers)
+
+
+def wants_event_stream(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def requested_channels(request: web.Request, max_channels: int) -> tuple[str, ...]:
+    """The distinct ``channel`` query values, in request order; BadRequest when unusable."""
+    channels = tuple(dict.fromkeys(request.query.getall("channel", ())))
+    if not channels:
+        raise BadRequest("at least one channel parameter is required", code="no_channel")
+    if len(channels) > max_channels:
+        raise BadRequest(
+            f"{len(channels)} channels requested; limits.max_channels_per_connection "
+            f"is {max_channels}",
+            code="too_many_channels",
+        )
+    for name in channels:
+        try:
+            check_channel(name)
+        except Rejected as exc:
+            raise BadRequest(exc.message, code=exc.code) from None
+    return channels
+
+
+def check_stream_request(broker: Broker, request: web.Request) -> tuple[str, ...]:
+    cfg = broker.cfg
+    channels = requested_channels(request, cfg.limits.max_channels_per_connection)
+    for name in channels:
+        if not public_allows(broker.public, name):
+            raise Forbidden(f"channel {name!r} is not granted", code="channel_forbidden")
+    reason = broker.not_ready_reason()
+    if reason is not None:
+        raise Retryable(
+            f"broker not ready: {reason}",
+            code=reason,
+            status=503,
+            reason="drain" if reason == "draining" else "not_ready",
+        )
+    if len(broker.hub.connections) >= cfg.limits.max_connections:
+        raise Retryable(
+            "limits.max_connections reached",
+            code="too_many_connections",
+            status=429,
+            reason="limit",
+        )
+    return channels
+
+
+async def soft_refusal(request: web.Request, exc: Retryable, retry_ms: int) -> web.StreamResponse:
+    """A 200 stream that only says "come back later", then ends."""
+    resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write(control.reconnect_frame(exc.reason, control.jitter(retry_ms), None))
+    await resp.write_eof()
+    return resp
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    broker = request.app[BROKER]
+    try:
+        channels = check_stream_request(broker, request)
+    except Retryable as exc:
+        broker.stats.requests_refused[exc.code] += 1
+        if wants_event_stream(request):
+            return await soft_refusal(request, exc, broker.cfg.sse.retry_ms)
+        return error_response(exc)
+    except BrokerError as exc:
+        broker.stats.requests_refused[exc.code] += 1
+        return error_response(exc)
+
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away before the stream started")
+    resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    resp.force_close()  # a stream ends with its connection
+    await resp.prepare(request)
+
+    hub = broker.hub
+    conn = Connection(
+        transport,
+        chunked=request.version >= HttpVersion11,
+        channels=channels,
+        remote=request.remote or "",
+    )
+    # Registered before the preamble is written: whatever is published from
+    # here on queues up behind it and nothing is missed.
+    hub.add(conn)
+    broker.heartbeats.add(conn)
+    try:
+        await resp.write(
+            sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
+        )
+        hub.start(conn)
+        await conn.done
+    except (asyncio.CancelledError, ConnectionError):
+        conn.finish("client_closed")
+        raise
+    finally:
+        broker.heartbeats.remove(conn)
+        hub.remove(conn)
+        log_close(conn)
+    return resp
+
+
+def log_close(conn: Connection) -> None:
+    log.info(
+        "stream closed remote=%s channels=%d duration=%.1fs events=%d bytes=%d reason=%s "
+        "user=%s tenant=%s",
+        conn.remote,
+        len(conn.channels),
+        time.monotonic() - conn.opened_at,
+        conn.events_sent,
+        conn.bytes_sent,
+        conn.close_reason,
+        conn.user or "-",
+        conn.tenant or "-",
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    reason = request.app[BROKER].not_ready_reason()
+    if reason is None:
+        return json_response(200, {"status": "ready"})
+    return json_response(503, {"status": "not_ready", "reason": reason}, {"Retry-After": "1"})
+
+
+def public_app(broker: Broker) -> web.Application:
+    app = web.Application()
+    app[BROKER] = broker
+    app.router.add_get(broker.cfg.server.path, events, allow_head=False)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,191 @@
+"""The fan-out: channel index, audience filter, one encoding per event.
+
+Where an event goes, in order: :meth:`Hub.publish` gives it the next id and
+encodes it once (``Published.frame``, plus the same frame as an HTTP chunk);
+it then looks up only the subscribers of its channel, filters them by tenant
+and user, and appends the *same* bytes object to each one's pending list.
+Once per loop iteration :meth:`Hub.flush` writes every dirty connection's
+pending frames in a single ``transport.write``. Nothing here awaits a
+connection, so one stalled client cannot hold up the others; a client whose
+unsent bytes pass ``write_buffer_bytes`` is aborted as a slow consumer.
+
+This module imports no aiohttp: connections are reached only through
+:class:`~broker.connection.Connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from broker import sse
+from broker.connection import Connection, chunk
+from broker.envelope import Event
+from broker.metrics import Metrics, Stats
+
+log = logging.getLogger(__name__)
+
+
+class Published:
+    """An event after the broker accepted it: its id and its wire bytes."""
+
+    __slots__ = ("chunk", "event", "frame", "id", "ingested_at", "seq")
+
+    def __init__(self, event: Event, seq: int, id: str, ingested_at: float) -> None:
+        self.event = event
+        self.seq = seq
+        self.id = id
+        self.ingested_at = ingested_at
+        self.frame = sse.encode_event(event.data, event=event.event, id=id)
+        self.chunk = chunk(self.frame)
+
+
+def new_epoch() -> str:
+    """A fresh epoch per process start: ids of an earlier run never look current."""
+    return str(time.time_ns() // 1_000_000)
+
+
+class Hub:
+    """Routes published events to the connections that may see them."""
+
+    def __init__(self, *, stats: Stats, metrics: Metrics, write_buffer_bytes: int) -> None:
+        self.stats = stats
+        self.metrics = metrics
+        self.write_buffer_bytes = write_buffer_bytes
+        self.epoch = new_epoch()
+        self.seq = 0
+        self.connections: set[Connection] = set()
+        self._by_channel: dict[str, set[Connection]] = {}
+        self._dirty: list[Connection] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._batch_started: float | None = None
+
+    # -- membership -------------------------------------------------------------
+
+    def add(self, conn: Connection) -> None:
+        """Subscribe ``conn`` to its channels; frames queue up until it is started."""
+        self.connections.add(conn)
+        for channel in conn.channels:
+            self._by_channel.setdefault(channel, set()).add(conn)
+        self.stats.connections_opened += 1
+
+    def remove(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        for channel in conn.channels:
+            subs = self._by_channel.get(channel)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self._by_channel[channel]
+        self.stats.connections_closed[conn.close_reason or "client_closed"] += 1
+
+    def subscriptions(self) -> int:
+        return sum(len(subs) for subs in self._by_channel.values())
+
+    def has_subscribers(self, channel: str) -> bool:
+        return channel in self._by_channel
+
+    # -- the hot path -----------------------------------------------------------
+
+    @property
+    def head(self) -> str:
+        """Id of the newest event (``<epoch>-0`` before the first one)."""
+        return f"{self.epoch}-{self.seq}"
+
+    def publish(self, event: Event) -> Published:
+        """Give ``event`` the next id and queue it to every connection that may see it."""
+        self.seq += 1
+        now = time.monotonic()
+        pub = Published(event, self.seq, f"{self.epoch}-{self.seq}", now)
+        self.stats.events_ingested += 1
+        subs = self._by_channel.get(event.channel)
+        if subs:
+            tenant = event.tenant
+            users = event.users
+            delivered = 0
+            for conn in subs:
+                if tenant is not None and conn.tenant != tenant:
+                    continue
+                if users is not None and conn.user not in users:
+                    continue
+                pending = conn.pending
+                if not pending and not conn.paused:
+                    self._dirty.append(conn)
+                pending.append(pub.chunk if conn.chunked else pub.frame)
+                conn.last_id = pub.id
+                delivered += 1
+            if delivered:
+                self.stats.events_delivered += delivered
+                if self._batch_started is None:
+                    self._batch_started = now
+                self._schedule_flush()
+        return pub
+
+    def send(self, conn: Connection, frame: bytes) -> None:
+        """Queue a connection-specific frame (control event, heartbeat) behind its pending ones."""
+        if conn.closed:
+            return
+        if not conn.pending and not conn.paused:
+            self._dirty.append(conn)
+            self._schedule_flush()
+        conn.pending.append(conn.wrap(frame))
+
+    def start(self, conn: Connection) -> None:
+        """End ``conn``'s pause: what queued meanwhile is written at the next flush."""
+        conn.paused = False
+        if conn.pending:
+            self._dirty.append(conn)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write each dirty connection's pending frames in one call."""
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        if self._batch_started is not None:
+            self.metrics.publish_latency.observe(time.monotonic() - self._batch_started)
+            self._batch_started = None
+        limit = self.write_buffer_bytes
+        sent = 0
+        for conn in dirty:
+            pending = conn.pending
+            if not pending or conn.paused or conn.closed:
+                continue
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            conn.events_sent += len(pending)
+            pending.clear()
+            sent += len(data)
+            if conn.write_now(data) > limit:
+                log.debug("slow consumer %s: write buffer over %d bytes", conn.remote, limit)
+                conn.finish("slow_consumer", abort=True)
+        self.stats.bytes_sent += sent
+
+    # -- shared timers ------------------------------------------------------------
+
+    def heartbeat(self, conns: list[Connection]) -> None:
+        """Send a heartbeat to each of ``conns`` that wrote nothing since the last visit."""
+        for conn in conns:
+            if conn.wrote or conn.paused or conn.closed:
+                conn.wrote = False
+                continue
+            self.send(conn, sse.HEARTBEAT)
+
+    def close_all(self, reason: str, frame: bytes | None = None) -> None:
+        for conn in list(self.connections):
+            if frame is not None:
+                self.send(conn, frame)
+            self.flush_one(conn)
+            conn.finish(reason)
+
+    def flush_one(self, conn: Connection) -> None:
+        if conn.pending and not conn.closed:
+            data = b"".join(conn.pending)
+            conn.pending.clear()
+            self.stats.bytes_sent += len(data)
+            conn.write_now(data)

@@ -1,0 +1,49 @@
+"""Logging setup: text for people, JSON lines for log shippers."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+from typing import Any
+
+import orjson
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def logging_config(level: str, fmt: str) -> dict[str, Any]:
+    formatter: dict[str, Any] = (
+        {"()": JsonFormatter}
+        if fmt == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"main": formatter},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "main",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        # aiohttp's access log would be one line per request; ours is one per stream.
+        "loggers": {"aiohttp.access": {"level": "WARNING"}},
+    }
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    logging.config.dictConfig(logging_config(level, fmt))

@@ -1,0 +1,63 @@
+"""Shared timers: one loop timer serves every connection.
+
+A per-connection ``call_later`` costs memory and, worse, fires for all
+connections in the same loop iteration after a reconnect storm. The wheel
+assigns each connection to one of ``slots`` buckets round-robin and visits a
+single bucket per tick, so periodic work (heartbeats) is spread evenly over
+the period whatever the number of connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from broker.connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+class Wheel:
+    """Calls ``visit(bucket)`` for one bucket of connections every ``period / slots`` seconds."""
+
+    def __init__(
+        self, period: float, visit: Callable[[list[Connection]], None], *, tick: float = 0.1
+    ) -> None:
+        self.slots = max(1, round(period / tick))
+        self.tick = period / self.slots
+        self._visit = visit
+        self._buckets: list[set[Connection]] = [set() for _ in range(self.slots)]
+        self._next_slot = 0
+        self._cursor = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, conn: Connection) -> None:
+        conn.slot = self._next_slot
+        self._next_slot = (self._next_slot + 1) % self.slots
+        self._buckets[conn.slot].add(conn)
+
+    def remove(self, conn: Connection) -> None:
+        self._buckets[conn.slot].discard(conn)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(self.tick, self._run, loop.time() + self.tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _run(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        bucket = self._buckets[self._cursor]
+        self._cursor = (self._cursor + 1) % self.slots
+        if bucket:
+            try:
+                self._visit(list(bucket))
+            except Exception:  # a bug here must not stop every future heartbeat
+                log.exception("shared timer callback failed")
+        # Schedule against the ideal time so the period does not drift with load.
+        due = max(due + self.tick, loop.time())
+        self._handle = loop.call_at(due, self._run, due)

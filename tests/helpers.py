@@ -1,0 +1,149 @@
+"""Small helpers shared by the tests: publishing into Redis, reading Prometheus text."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+
+T = TypeVar("T")
+
+
+def encode_payload(payload: Any) -> bytes | str:
+    """str/bytes go as they are; anything else (dict, list, number) as compact JSON."""
+    if isinstance(payload, str | bytes):
+        return payload
+    return orjson.dumps(payload)
+
+
+async def publish(
+    redis: aioredis.Redis, channel: str, payload: Any, *, prefix: str = "sse:"
+) -> int:
+    """``PUBLISH <prefix><channel> <payload>``; returns how many subscribers got it."""
+    return int(await redis.publish(prefix + channel, encode_payload(payload)))
+
+
+async def publish_when_subscribed(
+    redis: aioredis.Redis,
+    channel: str,
+    payload: Any,
+    *,
+    prefix: str = "sse:",
+    timeout: float = 5.0,
+) -> int:
+    """Publish, repeating while no subscriber received it (safe: nobody got a copy)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            receivers = await publish(redis, channel, payload, prefix=prefix)
+            if receivers:
+                return receivers
+            await asyncio.sleep(0.02)
+
+
+def envelope(
+    data: Any,
+    *,
+    event: str | None = None,
+    tenant: str | int | None = None,
+    users: list[str | int] | None = None,
+    retain: str | bool | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A native-format envelope with only the given fields."""
+    out: dict[str, Any] = {"data": data}
+    for key, value in (("event", event), ("tenant", tenant), ("users", users), ("retain", retain)):
+        if value is not None:
+            out[key] = value
+    out.update(extra)
+    return out
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    predicate: Callable[[T], bool] = bool,
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``await probe()`` until ``predicate(value)``; return that value.
+
+    For state that cannot be awaited (metrics, /readyz). Raises ``TimeoutError``
+    naming the last value seen.
+    """
+    last: Any = "<never probed>"
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                last = await probe()
+                if predicate(last):
+                    return last
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        raise TimeoutError(f"condition not met within {timeout}s; last value {last!r}") from None
+
+
+# -- Prometheus text exposition ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    value: float = math.nan
+
+
+_SAMPLE_LINE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r"(?:\{(?P<labels>.*)\})?"
+    r"\s+(?P<value>\S+)(?:\s+-?\d+)?\s*$"
+)
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def _unescape(value: str) -> str:
+    return _UNESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    """Every sample of a Prometheus text exposition (``# HELP``/``# TYPE`` skipped)."""
+    samples: list[Sample] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = _SAMPLE_LINE.match(line)
+        if match is None:
+            raise ValueError(f"line {number} is not a sample: {line!r}")
+        labels: dict[str, str] = {}
+        body = match.group("labels") or ""
+        pos = 0
+        while pos < len(body.rstrip()):
+            label = _LABEL.match(body, pos)
+            if label is None:
+                raise ValueError(f"line {number}: bad labels {body!r}")
+            labels[label.group(1)] = _unescape(label.group(2))
+            pos = label.end()
+        samples.append(Sample(match.group("name"), labels, float(match.group("value"))))
+    return samples
+
+
+def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """The value of sample ``name`` whose labels include ``labels``.
+
+    When several samples match (e.g. no labels given for a counter with a
+    ``reason`` label) their sum is returned, like PromQL ``sum()``. ``None``
+    when no sample matches.
+    """
+    wanted = dict(labels or {})
+    matches = [
+        s.value
+        for s in parse_metrics(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
+    ]
+    return sum(matches) if matches else None
