@@ -31,6 +31,7 @@ class Wheel:
         self._next_slot = 0
         self._cursor = 0
         self._handle: asyncio.TimerHandle | None = None
+        self._running = False
 
     def add(self, conn: Connection) -> None:
         conn.slot = self._next_slot
@@ -41,10 +42,12 @@ class Wheel:
         self._buckets[conn.slot].discard(conn)
 
     def start(self) -> None:
+        self._running = True
         loop = asyncio.get_running_loop()
         self._handle = loop.call_later(self.tick, self._run, loop.time() + self.tick)
 
     def stop(self) -> None:
+        self._running = False
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -58,6 +61,8 @@ class Wheel:
                 self._visit(list(bucket))
             except Exception:  # a bug here must not stop every future heartbeat
                 log.exception("shared timer callback failed")
+        if not self._running:  # stopped from inside the callback
+            return
         # Schedule against the ideal time so the period does not drift with load.
         due = max(due + self.tick, loop.time())
         self._handle = loop.call_at(due, self._run, due)
