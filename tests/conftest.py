@@ -44,8 +44,14 @@ LOG_TAIL_CHARS = 12_000
 # Variables of the outer environment that must not leak into a spawned broker:
 # its own config, and systemd's notify/socket-activation protocol.
 _ENV_DROP_PREFIXES = ("SSE_BROKER_",)
-_ENV_DROP = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"}
-_ENV_DROP |= {"LISTEN_FDNAMES"}
+_ENV_DROP = {
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+}
 
 
 # -- ports ---------------------------------------------------------------------

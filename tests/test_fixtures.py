@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 import redis.asyncio as aioredis
 from helpers import envelope, metric_value, parse_metrics, publish
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ async def test_redis_server_answers_ping(redis_server: RedisServer) -> None:
 
 async def test_redis_server_stop_then_start_on_the_same_port(redis_server: RedisServer) -> None:
     port = redis_server.port
-    client = redis_server.client(retry_on_error=[], socket_connect_timeout=1)
+    client = redis_server.client(retry=Retry(NoBackoff(), 0), socket_connect_timeout=1)
     await client.set("k", "v")
 
     redis_server.stop()
@@ -197,14 +199,14 @@ async def test_later_sets_override_the_fixture_defaults(start_broker: StartBroke
 async def test_wait_ready_false_only_needs_healthz(start_broker: StartBroker) -> None:
     broker: BrokerProcess = await start_broker("fake.never_ready=1", wait_ready=False)
     assert (await broker.get("/readyz"))[0] == 503
-    with pytest.raises(pytest.fail.Exception, match="did not answer 200 within 0.3s"):
+    with pytest.raises(pytest.fail.Exception, match=r"did not answer 200 within 0\.3s"):
         await broker.wait_ready(timeout=0.3)
 
 
 async def test_start_broker_fails_with_the_log_when_the_process_exits(
     start_broker: StartBroker,
 ) -> None:
-    with pytest.raises(pytest.fail.Exception, match="(?s)exited with code 1.*crash requested"):
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)exited with code 1.*crash requested"):
         await start_broker("fake.crash=1")
 
 
