@@ -1,8 +1,8 @@
 """The parts of one broker process, wired together (no HTTP, no signals).
 
-``Broker`` owns the hub, the ingest, the shared timers and the metrics. The
-HTTP layer (``http.py``, ``admin.py``) reaches it through an ``AppKey``; the
-process lifecycle (``server.py``) starts and stops it.
+``Broker`` owns the hub, the ingest, history and retained state, the shared
+timers and the metrics. The HTTP layer (``http.py``, ``admin.py``) reaches it
+through an ``AppKey``; the process lifecycle (``server.py``) starts and stops it.
 """
 
 from __future__ import annotations
@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
-from broker import control
+from broker import control, sse
 from broker.auth.grants import Grants
 from broker.config import Config
-from broker.envelope import decode_native
-from broker.hub import Hub
+from broker.connection import Connection
+from broker.envelope import Event, decode_native
+from broker.history import History, RetainedState
+from broker.hub import Hub, Published
 from broker.ingest import Dispatcher
 from broker.ingest.pubsub import PubSubIngest
 from broker.metrics import Metrics, Stats
 from broker.redis_conn import redis_target
-from broker.scheduler import Wheel
+from broker.scheduler import Periodic, Wheel
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,26 @@ class Broker:
         self.hub = Hub(
             stats=self.stats, metrics=self.metrics, write_buffer_bytes=cfg.limits.write_buffer_bytes
         )
+        self.history = History(
+            ttl_seconds=cfg.replay.ttl_seconds,
+            max_events=cfg.replay.max_events,
+            max_bytes=cfg.replay.max_bytes,
+        )
+        self.retained = RetainedState(
+            max_keys=cfg.replay.max_retained_keys, max_bytes=cfg.replay.max_retained_bytes
+        )
         self.heartbeats = Wheel(cfg.sse.heartbeat_seconds, self.hub.heartbeat)
+        self.expiry = Periodic(1.0, self.history.expire)
         self.public = Grants.compile(cfg.auth.effective_public_channels)
+        self.target = redis_target(cfg.redis)
         self.dispatcher = Dispatcher(
-            self.hub.publish,
+            self.publish,
             stats=self.stats,
             decode=decode_native,
             max_event_bytes=cfg.limits.max_event_bytes,
         )
         self.ingest = PubSubIngest(
-            redis_target(cfg.redis),
+            self.target,
             cfg.ingest.prefix,
             self.dispatcher.on_message,
             self._on_ingest_state,
@@ -50,6 +63,102 @@ class Broker:
         self.draining = False
         self._ingest_task: asyncio.Task[None] | None = None
         self._ever_subscribed = False
+        self._next_refusal_log = 0.0
+
+    # -- events in ----------------------------------------------------------------
+
+    def publish(self, event: Event, position: tuple[int, str] | None = None) -> Published:
+        """Fan ``event`` out, then keep it for resumes and, if retained, as state."""
+        pub = self.hub.publish(event, position)
+        self.history.append(pub)
+        if event.retain is not None and not self.retained.apply(pub):
+            self.stats.retained_refused += 1
+            now = time.monotonic()
+            if now >= self._next_refusal_log:
+                self._next_refusal_log = now + 10.0
+                log.warning(
+                    "retained state full (replay.max_retained_keys = %d, max_retained_bytes = %d):"
+                    " key %.100r on channel %s not retained",
+                    self.retained.max_keys,
+                    self.retained.max_bytes,
+                    event.retain,
+                    event.channel,
+                )
+        return pub
+
+    # -- streams ------------------------------------------------------------------
+
+    def register(self, conn: Connection) -> int:
+        """Subscribe ``conn`` (paused) and return the position it was registered at.
+
+        From here on every live event queues up on the connection; the backlog
+        (replay or snapshot) covers exactly the events up to that position.
+        """
+        self.hub.add(conn)
+        self.heartbeats.add(conn)
+        return self.hub.seq
+
+    def unregister(self, conn: Connection) -> None:
+        self.heartbeats.remove(conn)
+        self.hub.remove(conn)
+
+    async def backlog(self, conn: Connection, last_id: str | None, upto: int) -> list[bytes]:
+        """The frames ``conn`` gets before live events: missed events on an exact
+        resume; otherwise (``broker.reset`` when resuming,) the retained state
+        and the head id."""
+        head = self.hub.head
+        if last_id is not None:
+            reason, missed = self._resume(conn.channels, last_id, upto)
+            if reason is None:
+                frames = [p.frame for p in missed if conn.may_see(p.event)]
+                self.stats.replays_served += 1
+                self.stats.events_replayed += len(frames)
+                conn.last_id = last_id
+                return frames
+            self.stats.resets[reason] += 1
+            return self.reset_frames(conn, reason, head, upto)
+        return self._snapshot(conn, head, upto, [])
+
+    def _resume(
+        self, channels: tuple[str, ...], last_id: str, upto: int
+    ) -> tuple[str | None, list[Published]]:
+        epoch, sep, seq_text = last_id.partition("-")
+        if not (
+            sep
+            and epoch.isascii()
+            and epoch.isdigit()
+            and seq_text.isascii()
+            and seq_text.isdigit()
+        ):
+            return "unknown_id", []
+        if epoch != self.hub.epoch:
+            return "epoch", []
+        seq = int(seq_text)
+        if seq > self.hub.seq:
+            return "unknown_id", []
+        reason = self.history.lost_after(channels, seq)
+        if reason is not None:
+            return reason, []
+        return None, self.history.since(channels, seq, upto)
+
+    def reset_frames(self, conn: Connection, reason: str, head: str, upto: int) -> list[bytes]:
+        """``broker.reset`` (carrying the head id), then the retained state."""
+        reset = control.reset_frame(reason, head, control.jitter(self.cfg.sse.retry_ms))
+        return self._snapshot(conn, head, upto, [reset])
+
+    def _snapshot(self, conn: Connection, head: str, upto: int, frames: list[bytes]) -> list[bytes]:
+        state = [
+            p.frame
+            for p in self.retained.snapshot(conn.channels, conn.tenant)
+            if p.seq <= upto and conn.may_see(p.event)
+        ]
+        frames.extend(state)
+        if state or not frames:
+            # Retained events carry their own (older) ids: end on the head so
+            # the client resumes from here, not from the oldest state entry.
+            frames.append(sse.encode_id(head))
+        conn.last_id = head
+        return frames
 
     # -- readiness ----------------------------------------------------------------
 
@@ -70,16 +179,19 @@ class Broker:
         self._ever_subscribed = True
 
     def _mark_outage(self) -> None:
-        # Pub/sub drops whatever was published while we were away: tell every
-        # open stream instead of letting it believe it saw everything.
-        head = self.hub.head
-        retry = self.cfg.sse.retry_ms
-        for conn in list(self.hub.connections):
-            self.hub.send(conn, control.reset_frame("outage", head, control.jitter(retry)))
-        if self.hub.connections:
+        # Pub/sub drops whatever was published while we were away: burn a
+        # position for the hole so resumes across it reset, and tell every
+        # open stream now instead of letting it believe it saw everything.
+        head = self.hub.skip()
+        self.history.mark_hole(self.hub.seq)
+        conns = [c for c in self.hub.connections if not c.closed]
+        for conn in conns:
+            for frame in self.reset_frames(conn, "outage", head, self.hub.seq):
+                self.hub.send(conn, frame)
+        self.stats.resets["outage"] += len(conns)
+        if conns:
             log.warning(
-                "redis subscription restored: sent broker.reset (outage) to %d streams",
-                len(self.hub.connections),
+                "redis subscription restored: sent broker.reset (outage) to %d streams", len(conns)
             )
 
     def _gauges(self) -> dict[str, float]:
@@ -87,6 +199,9 @@ class Broker:
             "connections": len(self.hub.connections),
             "subscriptions": self.hub.subscriptions(),
             "redis_connected": 1.0 if self.ingest.subscribed else 0.0,
+            "history_events": self.history.events,
+            "history_bytes": self.history.bytes,
+            "retained_keys": self.retained.keys,
         }
 
     # -- lifecycle ----------------------------------------------------------------
@@ -94,9 +209,11 @@ class Broker:
     async def start(self) -> None:
         self._ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
         self.heartbeats.start()
+        self.expiry.start()
 
     async def stop(self) -> None:
         self.heartbeats.stop()
+        self.expiry.stop()
         if self._ingest_task is not None:
             self._ingest_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -155,6 +155,8 @@ class ReplayConfig:
     ttl_seconds: int = 300
     max_events: int = 10000
     max_bytes: int = 67108864
+    max_retained_keys: int = 100000
+    max_retained_bytes: int = 67108864
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +590,8 @@ _CHECKS: dict[str, Check] = {
     "replay.ttl_seconds": _at_least(1),
     "replay.max_events": _at_least(0),
     "replay.max_bytes": _at_least(0),
+    "replay.max_retained_keys": _at_least(0),
+    "replay.max_retained_bytes": _at_least(0),
     "sse.heartbeat_seconds": _between(1, 3600),
     "sse.retry_ms": _between(0, 3_600_000),
     "sse.max_connection_age_seconds": _zero_or_at_least(10),

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from broker.hub import Published
+from broker.envelope import Event
 
 
 def chunk(frame: bytes) -> bytes:
@@ -80,8 +78,11 @@ class Connection:
     def closed(self) -> bool:
         return self.close_reason is not None
 
-    def frame_bytes(self, pub: Published) -> bytes:
-        return pub.chunk if self.chunked else pub.frame
+    def may_see(self, event: Event) -> bool:
+        """The audience rule, the same for live, replayed and retained events."""
+        if event.tenant is not None and event.tenant != self.tenant:
+            return False
+        return event.users is None or (self.user is not None and self.user in event.users)
 
     def wrap(self, frame: bytes) -> bytes:
         """A connection-specific frame (control events, heartbeats) in this stream's framing."""

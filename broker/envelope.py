@@ -41,7 +41,8 @@ class Event:
 
     ``data`` is the text sent to clients (compact JSON, or the string verbatim).
     ``tenant``/``users`` restrict the audience; ints from PHP arrive as their
-    decimal strings. ``retain`` is the retained-state key, if any.
+    decimal strings. ``retain`` is the retained-state key, if any; ``deletes``
+    marks a retained key's removal (``data: null`` with ``retain``).
     """
 
     channel: str
@@ -50,6 +51,7 @@ class Event:
     tenant: str | None = None
     users: frozenset[str] | None = None
     retain: str | None = None
+    deletes: bool = False
 
 
 def valid_channel(name: str) -> bool:
@@ -127,6 +129,7 @@ def from_fields(channel: str, fields: dict[str, Any]) -> Event:
         tenant=tenant,
         users=users,
         retain=retain,
+        deletes=retain is not None and fields["data"] is None,
     )
 
 

@@ -125,31 +125,69 @@ async def events(request: web.Request) -> web.StreamResponse:
     resp.force_close()  # a stream ends with its connection
     await resp.prepare(request)
 
-    hub = broker.hub
     conn = Connection(
         transport,
         chunked=request.version >= HttpVersion11,
         channels=channels,
         remote=request.remote or "",
     )
-    # Registered before the preamble is written: whatever is published from
-    # here on queues up behind it and nothing is missed.
-    hub.add(conn)
-    broker.heartbeats.add(conn)
+    # Registered (paused) before anything is written: whatever is published
+    # from here on queues up behind the backlog, so nothing is missed and
+    # nothing is sent twice.
+    upto = broker.register(conn)
     try:
-        await resp.write(
-            sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
-        )
-        hub.start(conn)
+        frames = await broker.backlog(conn, last_event_id(request), upto)
+        preamble = sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
+        await write_backlog(resp, conn, preamble, frames, broker.cfg.limits.write_buffer_bytes)
+        broker.hub.start(conn)
         await conn.done
     except (asyncio.CancelledError, ConnectionError):
         conn.finish("client_closed")
         raise
     finally:
-        broker.heartbeats.remove(conn)
-        hub.remove(conn)
+        broker.unregister(conn)
         log_close(conn)
     return resp
+
+
+def last_event_id(request: web.Request) -> str | None:
+    """The resume position: the header wins (on automatic reconnects the query is stale)."""
+    header = request.headers.get("Last-Event-ID")
+    if header is not None:
+        return header.strip()
+    query = request.query.get("last_event_id")
+    return query.strip() if query else None
+
+
+BACKLOG_BATCH = 64 * 1024
+
+
+async def write_backlog(
+    resp: web.StreamResponse, conn: Connection, preamble: bytes, frames: list[bytes], limit: int
+) -> None:
+    """Write the preamble and backlog through aiohttp, paced by the socket.
+
+    ``resp.write`` waits whenever the transport is over its high-water mark,
+    so a replay far larger than the socket buffer goes out as fast as the
+    client reads it and is never mistaken for a slow consumer. Live events
+    meanwhile queue on the paused connection; if *they* outgrow the write
+    buffer limit the client is too slow for the live rate.
+    """
+    batch = [preamble]
+    size = len(preamble)
+    for frame in frames:
+        batch.append(frame)
+        size += len(frame)
+        if size >= BACKLOG_BATCH:
+            await resp.write(b"".join(batch))
+            conn.bytes_sent += size
+            batch, size = [], 0
+            if sum(map(len, conn.pending)) > limit:
+                conn.finish("slow_consumer", abort=True)
+                return
+    await resp.write(b"".join(batch))
+    conn.bytes_sent += size
+    conn.events_sent += len(frames)
 
 
 def log_close(conn: Connection) -> None:

@@ -55,6 +55,7 @@ class Hub:
         self.write_buffer_bytes = write_buffer_bytes
         self.epoch = new_epoch()
         self.seq = 0
+        self.head = f"{self.epoch}-0"  # id of the newest event
         self.connections: set[Connection] = set()
         self._by_channel: dict[str, set[Connection]] = {}
         self._dirty: list[Connection] = []
@@ -90,32 +91,31 @@ class Hub:
 
     # -- the hot path -----------------------------------------------------------
 
-    @property
-    def head(self) -> str:
-        """Id of the newest event (``<epoch>-0`` before the first one)."""
-        return f"{self.epoch}-{self.seq}"
-
-    def publish(self, event: Event) -> Published:
-        """Give ``event`` the next id and queue it to every connection that may see it."""
+    def next_id(self) -> tuple[int, str]:
+        """The next pub/sub-mode position: one sequence per process across all channels."""
         self.seq += 1
+        return self.seq, f"{self.epoch}-{self.seq}"
+
+    def publish(self, event: Event, position: tuple[int, str] | None = None) -> Published:
+        """Give ``event`` its id (the next one, or ``position`` from a stream) and queue
+        it to every connection that may see it. Returns it for history and state."""
+        seq, id = position or self.next_id()
         now = time.monotonic()
-        pub = Published(event, self.seq, f"{self.epoch}-{self.seq}", now)
+        pub = Published(event, seq, id, now)
+        self.head = id
         self.stats.events_ingested += 1
         subs = self._by_channel.get(event.channel)
         if subs:
-            tenant = event.tenant
-            users = event.users
+            filtered = event.tenant is not None or event.users is not None
             delivered = 0
             for conn in subs:
-                if tenant is not None and conn.tenant != tenant:
-                    continue
-                if users is not None and conn.user not in users:
+                if filtered and not conn.may_see(event):
                     continue
                 pending = conn.pending
                 if not pending and not conn.paused:
                     self._dirty.append(conn)
                 pending.append(pub.chunk if conn.chunked else pub.frame)
-                conn.last_id = pub.id
+                conn.last_id = id
                 delivered += 1
             if delivered:
                 self.stats.events_delivered += delivered
@@ -123,6 +123,11 @@ class Hub:
                     self._batch_started = now
                 self._schedule_flush()
         return pub
+
+    def skip(self) -> str:
+        """Burn one position to stand for events lost in an outage; returns the new head."""
+        _, self.head = self.next_id()
+        return self.head
 
     def send(self, conn: Connection, frame: bytes) -> None:
         """Queue a connection-specific frame (control event, heartbeat) behind its pending ones."""
@@ -169,12 +174,23 @@ class Hub:
     # -- shared timers ------------------------------------------------------------
 
     def heartbeat(self, conns: list[Connection]) -> None:
-        """Send a heartbeat to each of ``conns`` that wrote nothing since the last visit."""
+        """Send a heartbeat to each of ``conns`` that wrote nothing since the last visit.
+
+        When the head moved since the connection's last frame, the heartbeat is
+        ``id: <head>`` (no data, no event fires): the connection has been sent
+        everything up to the head that it may see, so a quiet client always
+        holds a recent position to resume from.
+        """
+        head = self.head
         for conn in conns:
             if conn.wrote or conn.paused or conn.closed:
                 conn.wrote = False
                 continue
-            self.send(conn, sse.HEARTBEAT)
+            if conn.last_id != head:
+                conn.last_id = head
+                self.send(conn, sse.encode_id(head))
+            else:
+                self.send(conn, sse.HEARTBEAT)
 
     def close_all(self, reason: str, frame: bytes | None = None) -> None:
         for conn in list(self.connections):

@@ -28,8 +28,12 @@ class Stats:
         "events_delivered",
         "events_ingested",
         "events_rejected",
+        "events_replayed",
         "redis_reconnects",
+        "replays_served",
         "requests_refused",
+        "resets",
+        "retained_refused",
     )
 
     def __init__(self) -> None:
@@ -41,6 +45,10 @@ class Stats:
         self.connections_closed: Counter[str] = Counter()
         self.requests_refused: Counter[str] = Counter()
         self.redis_reconnects = 0
+        self.replays_served = 0
+        self.events_replayed = 0
+        self.resets: Counter[str] = Counter()
+        self.retained_refused = 0
 
 
 class _StatsCollector(Collector):
@@ -66,6 +74,14 @@ class _StatsCollector(Collector):
             "requests_refused", "Stream requests refused, by reason.", "reason", s.requests_refused
         )
         yield _counter("redis_reconnects", "Ingest reconnections to Redis.", s.redis_reconnects)
+        yield _counter("replays_served", "Resumes served exactly from history.", s.replays_served)
+        yield _counter("events_replayed", "Events sent by exact resumes.", s.events_replayed)
+        yield _labelled("resets", "broker.reset events sent, by reason.", "reason", s.resets)
+        yield _counter(
+            "retained_refused",
+            "Retained keys refused or dropped at replay.max_retained_keys/bytes.",
+            s.retained_refused,
+        )
         for name, value in self._gauges().items():
             g = GaugeMetricFamily(PREFIX + name, _GAUGE_HELP.get(name, name))
             g.add_metric([], value)
@@ -77,6 +93,9 @@ _GAUGE_HELP = {
     "subscriptions": "Channel subscriptions of open streams.",
     "redis_connected": "1 while the ingest is connected and subscribed to Redis.",
     "ingest_stalled": "1 while the ingest is connected but not receiving its canary.",
+    "history_events": "Events held in the replay history.",
+    "history_bytes": "Bytes accounted to the replay history (frames plus overhead).",
+    "retained_keys": "Retained-state keys held.",
 }
 
 

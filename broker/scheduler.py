@@ -66,3 +66,28 @@ class Wheel:
         # Schedule against the ideal time so the period does not drift with load.
         due = max(due + self.tick, loop.time())
         self._handle = loop.call_at(due, self._run, due)
+
+
+class Periodic:
+    """Calls ``fn()`` every ``interval`` seconds on the loop (one timer, no task)."""
+
+    def __init__(self, interval: float, fn: Callable[[], object]) -> None:
+        self.interval = interval
+        self._fn = fn
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._run)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _run(self) -> None:
+        try:
+            self._fn()
+        except Exception:
+            log.exception("periodic task failed")
+        if self._handle is not None:
+            self.start()

@@ -73,6 +73,8 @@ def config_error(**kwargs: Any) -> str:
         ("replay.ttl_seconds", 300),
         ("replay.max_events", 10000),
         ("replay.max_bytes", 67108864),
+        ("replay.max_retained_keys", 100000),
+        ("replay.max_retained_bytes", 67108864),
         ("sse.heartbeat_seconds", 15),
         ("sse.retry_ms", 3000),
         ("sse.max_connection_age_seconds", 1800),
@@ -132,7 +134,8 @@ def test_known_keys_are_dotted_and_cover_nested_sections() -> None:
     assert keys[0] == "server.listen"
     assert "auth.jwt.secret_file" in keys
     assert "auth.laravel.max_concurrency" in keys
-    assert len(keys) == len(set(keys)) == 57
+    # the 57 keys of DESIGN.md plus replay.max_retained_keys / max_retained_bytes
+    assert len(keys) == len(set(keys)) == 59
 
 
 def test_env_var_names() -> None:

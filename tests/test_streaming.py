@@ -25,7 +25,7 @@ async def stream(
     """An open stream, returned once its preamble arrived (from then on it is registered)."""
     async with SSEClient.connect(broker.events_url(*channels), headers=headers) as s:
         assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.retry is not None, what="the preamble")
+        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
         yield s
 
 
@@ -40,7 +40,9 @@ async def test_stream_headers_and_preamble_flushed_at_once(broker: BrokerProcess
         assert s.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         assert s.headers["Cache-Control"] == "no-cache, no-transform"
         assert s.headers["X-Accel-Buffering"] == "no"
-        assert s.raw == b"retry: 3000\n: ok\n\n"
+        # the preamble, then the head id: even a client that never receives
+        # an event holds a position to resume from
+        assert re.fullmatch(rb"retry: 3000\n: ok\n\nid: \d+-0\n\n", s.raw), s.raw
         assert s.parser.retry == 3000
 
 
@@ -175,12 +177,18 @@ async def test_heartbeats_on_idle_streams_only(start_broker: StartBroker, redis_
                 await asyncio.sleep(0.05)
 
         feeder = asyncio.create_task(keep_busy())
-        assert await idle.wait_comment(timeout=3) == "ok"
-        assert await idle.wait_comment(timeout=3) == ""  # the heartbeat
-        assert await idle.wait_comment(timeout=3) == ""  # and again, a period later
         await feeder
         got = await busy.events(40)
         assert [e.data for e in got] == [str(i) for i in range(40)]
+        # While other channels moved the head, the idle stream's heartbeats
+        # were "id: <head>" blocks: its cursor advanced and no event fired.
+        await idle.wait_for(lambda st: st.parser.last_event_id == got[-1].last_event_id, 3)
+        assert idle.parser.id_only_updates >= 2
+        assert not idle.pending
+        # Once the head stands still, heartbeats are plain comments.
+        assert await idle.wait_comment(timeout=3) == "ok"
+        assert await idle.wait_comment(timeout=3) == ""
+        assert await idle.wait_comment(timeout=3) == ""
         # a stream that received events all along needed no heartbeat
         assert busy.parser.comments == ["ok"]
         assert not idle.pending
@@ -291,6 +299,7 @@ async def test_http10_client_gets_unchunked_frames(broker: BrokerProcess, redis_
         assert head.startswith(b"HTTP/1.0 200")
         assert b"transfer-encoding" not in head.lower()
         assert await asyncio.wait_for(reader.readuntil(b": ok\n\n"), 5)
+        assert re.fullmatch(rb"id: \d+-0\n\n", await asyncio.wait_for(reader.readuntil(b"\n\n"), 5))
         await publish(redis_client, "old", "plain")
         frame = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
         assert re.fullmatch(rb"id: \d+-1\ndata: plain\n\n", frame)

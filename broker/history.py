@@ -1,0 +1,239 @@
+"""Replay history and retained state, in process memory.
+
+History: per-channel deques of published events, bounded globally by
+``replay.max_events``, ``replay.max_bytes`` and ``replay.ttl_seconds``. When a
+count or byte bound is hit, the channel holding the most events loses its
+oldest first (an O(1) lookup through count buckets), so a noisy channel
+cannot erase a quiet one's history. Each channel remembers the newest
+sequence it ever evicted: a resume is exact for that channel when nothing
+after the client's position was evicted, however old the position is.
+
+Retained state: the latest event per (channel, tenant, key), bounded by
+``replay.max_retained_keys`` and ``replay.max_retained_bytes``; past a bound a
+new key is not retained (the event is still delivered live) and counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+
+from broker.hub import Published
+
+# Python objects per history entry (Published, Event, bytes headers, deque
+# slot) beyond the frame bytes themselves; counted against max_bytes so the
+# bound reflects real memory, not only payloads.
+ENTRY_OVERHEAD = 400
+
+# Channels whose history emptied are remembered (their newest evicted seq)
+# up to this many; past it, the oldest are folded into one global mark.
+MAX_EMPTY_CHANNELS = 100_000
+
+
+def entry_size(pub: Published) -> int:
+    return len(pub.frame) + len(pub.chunk) + ENTRY_OVERHEAD
+
+
+class _Log:
+    __slots__ = ("entries", "evicted_upto")
+
+    def __init__(self, evicted_upto: int) -> None:
+        self.entries: deque[Published] = deque()
+        self.evicted_upto = evicted_upto
+
+
+class History:
+    """The replay window of one process (pubsub mode) or one instance's cache (stream mode)."""
+
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float,
+        max_events: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl_seconds
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._logs: dict[str, _Log] = {}
+        self._empty: OrderedDict[str, int] = OrderedDict()  # channel -> evicted_upto
+        self._forgotten_upto = 0
+        self._by_count: dict[int, dict[str, None]] = {}
+        self._max_count = 0
+        self.events = 0
+        self.bytes = 0
+        self.evicted = 0
+        self.last_hole = 0  # newest seq that stands for events lost in an outage
+
+    # -- bookkeeping of per-channel counts (for "evict from the biggest") -------
+
+    def _move(self, channel: str, old: int, new: int) -> None:
+        if old:
+            bucket = self._by_count[old]
+            del bucket[channel]
+            if not bucket:
+                del self._by_count[old]
+        if new:
+            self._by_count.setdefault(new, {})[channel] = None
+        if new > self._max_count:
+            self._max_count = new
+        while self._max_count and self._max_count not in self._by_count:
+            self._max_count -= 1
+
+    # -- writing ------------------------------------------------------------------
+
+    def append(self, pub: Published) -> None:
+        """Record ``pub`` (the newest event) and enforce the bounds."""
+        channel = pub.event.channel
+        log = self._logs.get(channel)
+        if log is None:
+            upto = self._empty.pop(channel, self._forgotten_upto)
+            log = self._logs[channel] = _Log(upto)
+        log.entries.append(pub)
+        n = len(log.entries)
+        self._move(channel, n - 1, n)
+        self.events += 1
+        self.bytes += entry_size(pub)
+        while self.events > self.max_events or self.bytes > self.max_bytes:
+            self._evict_from(next(iter(self._by_count[self._max_count])))
+
+    def _evict_from(self, channel: str) -> None:
+        log = self._logs[channel]
+        pub = log.entries.popleft()
+        log.evicted_upto = pub.seq
+        n = len(log.entries)
+        self._move(channel, n + 1, n)
+        self.events -= 1
+        self.bytes -= entry_size(pub)
+        self.evicted += 1
+        if not n:
+            del self._logs[channel]
+            self._empty[channel] = log.evicted_upto
+            if len(self._empty) > MAX_EMPTY_CHANNELS:
+                _, upto = self._empty.popitem(last=False)
+                self._forgotten_upto = max(self._forgotten_upto, upto)
+
+    def expire(self) -> int:
+        """Drop events older than the TTL (called by a shared timer); returns how many."""
+        cutoff = self._clock() - self.ttl
+        before = self.evicted
+        for channel in list(self._logs):
+            entries = self._logs[channel].entries
+            while entries and entries[0].ingested_at < cutoff:
+                self._evict_from(channel)
+                if channel not in self._logs:
+                    break
+        return self.evicted - before
+
+    def mark_hole(self, seq: int) -> None:
+        """Events were lost just before ``seq`` (a pub/sub outage): resumes across it reset."""
+        self.last_hole = max(self.last_hole, seq)
+
+    # -- reading ------------------------------------------------------------------
+
+    def lost_after(self, channels: Iterable[str], seq: int) -> str | None:
+        """Why a client positioned at ``seq`` cannot resume exactly, or None when it can."""
+        if self.last_hole > seq:
+            return "outage"
+        for channel in channels:
+            log = self._logs.get(channel)
+            upto = log.evicted_upto if log else self._empty.get(channel, self._forgotten_upto)
+            if upto > seq:
+                return "expired"
+        return None
+
+    def since(self, channels: Iterable[str], seq: int, upto: int) -> list[Published]:
+        """Events of ``channels`` in (``seq``, ``upto``], oldest first (check ``lost_after``)."""
+        runs: list[list[Published]] = []
+        for channel in channels:
+            log = self._logs.get(channel)
+            if log is None:
+                continue
+            run: list[Published] = []
+            for pub in reversed(log.entries):
+                if pub.seq <= seq:
+                    break
+                if pub.seq <= upto:
+                    run.append(pub)
+            if run:
+                run.reverse()
+                runs.append(run)
+        if len(runs) == 1:
+            return runs[0]
+        return list(heapq.merge(*runs, key=_seq))
+
+    def oldest_seq(self, channel: str) -> int | None:
+        log = self._logs.get(channel)
+        return log.entries[0].seq if log else None
+
+
+def _seq(pub: Published) -> int:
+    return pub.seq
+
+
+class RetainedState:
+    """The latest event per (channel, tenant, key); tenant None = every tenant of the channel."""
+
+    def __init__(self, *, max_keys: int, max_bytes: int) -> None:
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self._by_scope: dict[tuple[str, str | None], dict[str, Published]] = {}
+        self.keys = 0
+        self.bytes = 0
+        self.refused = 0
+
+    def apply(self, pub: Published) -> bool:
+        """Record or delete the key ``pub`` retains; False when a bound refused a new key."""
+        event = pub.event
+        key = event.retain
+        if key is None:
+            return True
+        scope = (event.channel, event.tenant)
+        entries = self._by_scope.get(scope)
+        old = entries.get(key) if entries else None
+        if event.deletes:
+            if old is not None and entries is not None:
+                self._drop(scope, entries, key, old)
+            return True
+        size = entry_size(pub)
+        grow = size - (entry_size(old) if old is not None else 0)
+        if (old is None and self.keys >= self.max_keys) or self.bytes + grow > self.max_bytes:
+            self.refused += 1
+            if old is not None and entries is not None:
+                # Keeping the previous value would serve stale state as current.
+                self._drop(scope, entries, key, old)
+            return False
+        if entries is None:
+            entries = self._by_scope[scope] = {}
+        if old is None:
+            self.keys += 1
+        entries[key] = pub
+        self.bytes += grow
+        return True
+
+    def _drop(
+        self, scope: tuple[str, str | None], entries: dict[str, Published], key: str, old: Published
+    ) -> None:
+        del entries[key]
+        self.keys -= 1
+        self.bytes -= entry_size(old)
+        if not entries:
+            del self._by_scope[scope]
+
+    def snapshot(self, channels: Iterable[str], tenant: str | None) -> list[Published]:
+        """Retained events of ``channels`` visible to ``tenant``, in publish order."""
+        found: list[Published] = []
+        for channel in channels:
+            found.extend(self._scope(channel, None))
+            if tenant is not None:
+                found.extend(self._scope(channel, tenant))
+        found.sort(key=_seq)
+        return found
+
+    def _scope(self, channel: str, tenant: str | None) -> Iterator[Published]:
+        entries = self._by_scope.get((channel, tenant))
+        return iter(entries.values()) if entries else iter(())
