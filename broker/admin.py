@@ -1,12 +1,20 @@
-"""The admin listener: metrics and health (never expose it publicly)."""
+"""The admin listener: metrics, health and the publish API (never expose it publicly)."""
 
 from __future__ import annotations
 
+import hmac
+import logging
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 
 from broker.app import Broker
-from broker.http import BROKER, healthz, readyz
+from broker.errors import BadRequest, BrokerError, Unauthorized
+from broker.http import BROKER, error_response, healthz, json_response, readyz
+from broker.publish import MAX_ITEMS, parse_items, publish_events
+
+log = logging.getLogger(__name__)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -14,10 +22,56 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _check_bearer(request: web.Request, keys: tuple[str, ...]) -> None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    ok = scheme.lower() == "bearer" and given != ""
+    # Compare against every key (no early exit): timing reveals nothing.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not (ok and matched):
+        raise Unauthorized("a valid 'Authorization: Bearer <publish key>' is required")
+
+
+async def publish(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    keys = broker.publish_keys
+    if not keys:
+        return json_response(
+            404,
+            {"error": "publish_disabled", "message": "set publish.keys or publish.keys_file"},
+        )
+    try:
+        _check_bearer(request, keys)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(
+                f"body over {request.app['max_body']} bytes", code="too_large", status=413
+            ) from None
+        events = parse_items(body, broker.cfg.limits.max_event_bytes)
+    except BrokerError as exc:
+        return error_response(exc)
+    try:
+        ids = await publish_events(broker.redis(), broker.cfg, events)
+    except (RedisError, OSError) as exc:
+        log.warning("publish failed: redis error: %s", exc)
+        return json_response(
+            503,
+            {"error": "redis_unavailable", "message": f"cannot write to Redis: {exc}"},
+            {"Retry-After": "1"},
+        )
+    return json_response(200, {"published": len(events), "ids": ids})
+
+
 def admin_app(broker: Broker) -> web.Application:
-    app = web.Application()
+    max_body = max(1 << 20, broker.cfg.limits.max_event_bytes * 4 * min(MAX_ITEMS, 16))
+    app = web.Application(client_max_size=max_body)
     app[BROKER] = broker
+    app["max_body"] = max_body
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_post("/publish", publish)
     return app

@@ -1,8 +1,10 @@
 """The parts of one broker process, wired together (no HTTP, no signals).
 
-``Broker`` owns the hub, the ingest, history and retained state, the shared
-timers and the metrics. The HTTP layer (``http.py``, ``admin.py``) reaches it
-through an ``AppKey``; the process lifecycle (``server.py``) starts and stops it.
+``Broker`` owns the hub, the ingest (pub/sub or stream), history and
+retained state, the shared timers and the metrics. The HTTP layer
+(``http.py``, ``admin.py``) reaches it through an ``AppKey``; the process
+lifecycle (``server.py``) starts and stops it. What a stream gets before its
+live events (replay, reset, retained state) is decided in ``resume.py``.
 """
 
 from __future__ import annotations
@@ -12,25 +14,35 @@ import contextlib
 import logging
 import time
 
-from broker import control, sse
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
 from broker.auth.grants import Grants
 from broker.config import Config
 from broker.connection import Connection
-from broker.envelope import Event, decode_native
+from broker.envelope import Event, decode_native, decode_stream
+from broker.errors import Rejected
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
 from broker.ingest import Dispatcher
 from broker.ingest.pubsub import PubSubIngest
+from broker.ingest.stream import StreamIngest, stream_seq
 from broker.metrics import Metrics, Stats
+from broker.publish import load_publish_keys
 from broker.redis_conn import redis_target
+from broker.resume import outage_frames
+from broker.retained_store import RedisRetained
 from broker.scheduler import Periodic, Wheel
 
 log = logging.getLogger(__name__)
+
+CATCH_UP_SECONDS = 2.0
 
 
 class Broker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.stream_mode = cfg.ingest.mode == "stream"
         self.stats = Stats()
         self.metrics = Metrics(self.stats, self._gauges)
         self.hub = Hub(
@@ -42,28 +54,48 @@ class Broker:
             max_bytes=cfg.replay.max_bytes,
         )
         self.retained = RetainedState(
-            max_keys=cfg.replay.max_retained_keys, max_bytes=cfg.replay.max_retained_bytes
+            max_keys=cfg.replay.max_retained_keys,
+            max_bytes=cfg.replay.max_retained_bytes,
+            tombstones=self.stream_mode,
         )
         self.heartbeats = Wheel(cfg.sse.heartbeat_seconds, self.hub.heartbeat)
         self.expiry = Periodic(1.0, self.history.expire)
         self.public = Grants.compile(cfg.auth.effective_public_channels)
         self.target = redis_target(cfg.redis)
+        self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
             self.publish,
             stats=self.stats,
             decode=decode_native,
             max_event_bytes=cfg.limits.max_event_bytes,
         )
-        self.ingest = PubSubIngest(
-            self.target,
-            cfg.ingest.prefix,
-            self.dispatcher.on_message,
-            self._on_ingest_state,
-        )
+        self.redis_retained = RedisRetained(cfg.ingest.stream_key)
+        self.stream_start = 0  # stream mode: this instance's history begins after it
+        self.ingest: PubSubIngest | StreamIngest
+        if self.stream_mode:
+            self.ingest = StreamIngest(
+                lambda: self.target.client(socket_keepalive=True),
+                cfg.ingest.stream_key,
+                self._on_stream_entry,
+                self._on_stream_start,
+                self._after_stream_batch,
+                self._on_ingest_state,
+            )
+        else:
+            self.ingest = PubSubIngest(
+                self.target, cfg.ingest.prefix, self.dispatcher.on_message, self._on_ingest_state
+            )
+        self._redis: aioredis.Redis | None = None
         self.draining = False
         self._ingest_task: asyncio.Task[None] | None = None
         self._ever_subscribed = False
         self._next_refusal_log = 0.0
+
+    def redis(self) -> aioredis.Redis:
+        """The shared command client (publishing, XRANGE, retained state)."""
+        if self._redis is None:
+            self._redis = self.target.client()
+        return self._redis
 
     # -- events in ----------------------------------------------------------------
 
@@ -71,24 +103,68 @@ class Broker:
         """Fan ``event`` out, then keep it for resumes and, if retained, as state."""
         pub = self.hub.publish(event, position)
         self.history.append(pub)
-        if event.retain is not None and not self.retained.apply(pub):
-            self.stats.retained_refused += 1
-            now = time.monotonic()
-            if now >= self._next_refusal_log:
-                self._next_refusal_log = now + 10.0
-                log.warning(
-                    "retained state full (replay.max_retained_keys = %d, max_retained_bytes = %d):"
-                    " key %.100r on channel %s not retained",
-                    self.retained.max_keys,
-                    self.retained.max_bytes,
-                    event.retain,
-                    event.channel,
-                )
+        if event.retain is not None:
+            if self.stream_mode:
+                self.redis_retained.add(pub)
+            if not self.retained.apply(pub):
+                self._retained_refused(event)
         return pub
+
+    def _retained_refused(self, event: Event) -> None:
+        self.stats.retained_refused += 1
+        now = time.monotonic()
+        if now >= self._next_refusal_log:
+            self._next_refusal_log = now + 10.0
+            log.warning(
+                "retained state full (replay.max_retained_keys = %d, max_retained_bytes = %d):"
+                " key %.100r on channel %s not retained",
+                self.retained.max_keys,
+                self.retained.max_bytes,
+                event.retain,
+                event.channel,
+            )
+
+    def _on_stream_entry(self, id: str, fields: dict[bytes, bytes]) -> None:
+        try:
+            event = decode_stream(fields, self.cfg.limits.max_event_bytes)
+        except Rejected as exc:
+            self.dispatcher.reject(fields.get(b"channel", b"?").decode("utf-8", "replace"), exc)
+            return
+        seq = stream_seq(id)
+        assert seq is not None  # Redis only hands out well-formed ids
+        self.publish(event, (seq, id))
+
+    def _on_stream_start(self, last_id: str) -> None:
+        seq = stream_seq(last_id)
+        assert seq is not None
+        self.hub.head, self.hub.seq = last_id, seq
+        self.stream_start = seq
+
+    async def _after_stream_batch(self) -> None:
+        try:
+            await self.redis_retained.flush(self.redis())
+        except (RedisError, OSError) as exc:
+            log.warning("retained state not written to Redis yet (%s); will retry", exc)
 
     # -- streams ------------------------------------------------------------------
 
-    def register(self, conn: Connection) -> int:
+    async def catch_up(self, last_id: str | None) -> None:
+        """Stream mode: a client coming from an instance that read further than
+        this one waits (briefly) until this reader reached its position, so
+        nothing is replayed twice or skipped."""
+        if not self.stream_mode or last_id is None:
+            return
+        seq = stream_seq(last_id)
+        if seq is None or seq <= self.hub.seq:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CATCH_UP_SECONDS):
+                # A rare path (cross-instance resume), bounded: polling beats
+                # a waiter check on every published event.
+                while self.hub.seq < seq:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+
+    def register(self, conn: Connection) -> tuple[int, str]:
         """Subscribe ``conn`` (paused) and return the position it was registered at.
 
         From here on every live event queues up on the connection; the backlog
@@ -96,69 +172,11 @@ class Broker:
         """
         self.hub.add(conn)
         self.heartbeats.add(conn)
-        return self.hub.seq
+        return self.hub.seq, self.hub.head
 
     def unregister(self, conn: Connection) -> None:
         self.heartbeats.remove(conn)
         self.hub.remove(conn)
-
-    async def backlog(self, conn: Connection, last_id: str | None, upto: int) -> list[bytes]:
-        """The frames ``conn`` gets before live events: missed events on an exact
-        resume; otherwise (``broker.reset`` when resuming,) the retained state
-        and the head id."""
-        head = self.hub.head
-        if last_id is not None:
-            reason, missed = self._resume(conn.channels, last_id, upto)
-            if reason is None:
-                frames = [p.frame for p in missed if conn.may_see(p.event)]
-                self.stats.replays_served += 1
-                self.stats.events_replayed += len(frames)
-                conn.last_id = last_id
-                return frames
-            self.stats.resets[reason] += 1
-            return self.reset_frames(conn, reason, head, upto)
-        return self._snapshot(conn, head, upto, [])
-
-    def _resume(
-        self, channels: tuple[str, ...], last_id: str, upto: int
-    ) -> tuple[str | None, list[Published]]:
-        epoch, sep, seq_text = last_id.partition("-")
-        if not (
-            sep
-            and epoch.isascii()
-            and epoch.isdigit()
-            and seq_text.isascii()
-            and seq_text.isdigit()
-        ):
-            return "unknown_id", []
-        if epoch != self.hub.epoch:
-            return "epoch", []
-        seq = int(seq_text)
-        if seq > self.hub.seq:
-            return "unknown_id", []
-        reason = self.history.lost_after(channels, seq)
-        if reason is not None:
-            return reason, []
-        return None, self.history.since(channels, seq, upto)
-
-    def reset_frames(self, conn: Connection, reason: str, head: str, upto: int) -> list[bytes]:
-        """``broker.reset`` (carrying the head id), then the retained state."""
-        reset = control.reset_frame(reason, head, control.jitter(self.cfg.sse.retry_ms))
-        return self._snapshot(conn, head, upto, [reset])
-
-    def _snapshot(self, conn: Connection, head: str, upto: int, frames: list[bytes]) -> list[bytes]:
-        state = [
-            p.frame
-            for p in self.retained.snapshot(conn.channels, conn.tenant)
-            if p.seq <= upto and conn.may_see(p.event)
-        ]
-        frames.extend(state)
-        if state or not frames:
-            # Retained events carry their own (older) ids: end on the head so
-            # the client resumes from here, not from the oldest state entry.
-            frames.append(sse.encode_id(head))
-        conn.last_id = head
-        return frames
 
     # -- readiness ----------------------------------------------------------------
 
@@ -175,7 +193,8 @@ class Broker:
             return
         if self._ever_subscribed:
             self.stats.redis_reconnects += 1
-            self._mark_outage()
+            if not self.stream_mode:  # a stream reader reads on: no hole
+                self._mark_outage()
         self._ever_subscribed = True
 
     def _mark_outage(self) -> None:
@@ -186,7 +205,7 @@ class Broker:
         self.history.mark_hole(self.hub.seq)
         conns = [c for c in self.hub.connections if not c.closed]
         for conn in conns:
-            for frame in self.reset_frames(conn, "outage", head, self.hub.seq):
+            for frame in outage_frames(self, conn, head):
                 self.hub.send(conn, frame)
         self.stats.resets["outage"] += len(conns)
         if conns:
@@ -219,3 +238,6 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ingest_task
             self._ingest_task = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None

@@ -115,36 +115,31 @@ def publish(
     overrides: tuple[str, ...],
 ) -> None:
     """Publish DATA (JSON, or a plain string) on CHANNEL through the configured Redis."""
-    from broker.envelope import check_channel
-    from broker.errors import Rejected
+    from broker.errors import BrokerError
+    from broker.publish import parse_items, publish_events
     from broker.redis_conn import redis_target
 
     cfg = _load(config_path, overrides)
-    try:
-        check_channel(channel)
-    except Rejected as exc:
-        _fail(exc.message)
-    envelope: dict[str, Any] = {"data": _parse_data(data)}
-    if event:
-        envelope["event"] = event
-    if tenant:
-        envelope["tenant"] = tenant
+    envelope: dict[str, Any] = {"channel": channel, "data": _parse_data(data)}
+    for name, value in (("event", event), ("tenant", tenant), ("retain", retain)):
+        if value:
+            envelope[name] = value
     if users:
         envelope["users"] = list(users)
-    if retain:
-        envelope["retain"] = retain
+    try:
+        events = parse_items(orjson.dumps(envelope), cfg.limits.max_event_bytes)
+    except BrokerError as exc:
+        _fail(exc.message)
 
-    async def send() -> int:
+    async def send() -> list[str]:
         client = redis_target(cfg.redis).client()
         try:
-            return int(await client.publish(cfg.ingest.prefix + channel, orjson.dumps(envelope)))
+            return await publish_events(client, cfg, events)
         finally:
             await client.aclose()
 
     try:
-        receivers = asyncio.run(send())
-    except (OSError, ConnectionError) as exc:
-        _fail(f"cannot publish to Redis: {exc}")
+        ids = asyncio.run(send())
     except Exception as exc:  # redis-py raises its own error types; report, do not trace
         _fail(f"cannot publish to Redis: {exc}")
-    click.echo(f"published to {channel} ({receivers} broker subscriptions)")
+    click.echo(f"published to {channel}" + (f" as {ids[0]}" if ids else ""))

@@ -8,7 +8,7 @@ the metric's cardinality stays bounded).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -32,6 +32,7 @@ REJECT_REASONS = (
     "bad_users",
     "bad_retain",
     "retain_with_users",
+    "bad_data",
 )
 
 
@@ -159,3 +160,66 @@ def decode_native(channel: str, payload: bytes, max_bytes: int) -> Event:
     except UnicodeDecodeError:
         raise Rejected("message is not valid UTF-8", code="bad_encoding") from None
     return Event(channel=channel, data=text)
+
+
+def encode_native(event: Event) -> bytes:
+    """The native-format message that decodes back to ``event`` (the inverse of decode_native)."""
+    fields: dict[str, Any] = {"data": None if event.deletes else event.data}
+    if event.event != "message":
+        fields["event"] = event.event
+    if event.tenant is not None:
+        fields["tenant"] = event.tenant
+    if event.users is not None:
+        fields["users"] = sorted(event.users)
+    if event.retain is not None:
+        fields["retain"] = event.retain
+    return orjson.dumps(fields)
+
+
+def encode_stream(event: Event) -> dict[str, str]:
+    """The stream-entry fields that decode back to ``event`` (the inverse of decode_stream)."""
+    fields = {"channel": event.channel, "data": "null" if event.deletes else event.data}
+    if event.event != "message":
+        fields["event"] = event.event
+    if event.tenant is not None:
+        fields["tenant"] = event.tenant
+    if event.users is not None:
+        fields["users"] = orjson.dumps(sorted(event.users)).decode()
+    if event.retain is not None:
+        fields["retain"] = event.retain
+    return fields
+
+
+def decode_stream(fields: dict[bytes, bytes], max_bytes: int) -> Event:
+    """Decode one stream entry: ``channel C event E data D [tenant T] [users U] [retain K]``.
+
+    All values are strings: ``data`` is sent verbatim (publishers json_encode
+    it), ``users`` is a JSON array, ``retain`` a key; ``data`` ``null`` with
+    ``retain`` deletes the key.
+    """
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    if size > max_bytes:
+        raise Rejected(
+            f"stream entry of {size} bytes exceeds limits.max_event_bytes = {max_bytes}",
+            code="too_large",
+        )
+    try:
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+    except UnicodeDecodeError:
+        raise Rejected("stream entry is not valid UTF-8", code="bad_encoding") from None
+    channel = check_channel(text.get("channel", ""))
+    if "data" not in text:
+        raise Rejected("stream entry has no 'data' field", code="bad_data")
+    parsed: dict[str, Any] = {"data": text["data"]}
+    for name in ("event", "tenant", "retain"):
+        if name in text:
+            parsed[name] = text[name]
+    if "users" in text:
+        try:
+            parsed["users"] = orjson.loads(text["users"])
+        except orjson.JSONDecodeError:
+            raise Rejected("field 'users' must be a JSON array", code="bad_users") from None
+    event = from_fields(channel, parsed)
+    if event.retain is not None and text["data"] == "null":
+        return replace(event, deletes=True)
+    return event

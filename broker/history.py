@@ -178,9 +178,13 @@ def _seq(pub: Published) -> int:
 class RetainedState:
     """The latest event per (channel, tenant, key); tenant None = every tenant of the channel."""
 
-    def __init__(self, *, max_keys: int, max_bytes: int) -> None:
+    def __init__(self, *, max_keys: int, max_bytes: int, tombstones: bool = False) -> None:
         self.max_keys = max_keys
         self.max_bytes = max_bytes
+        # Stream mode merges this with the state in Redis: a deletion must
+        # stay visible (as a tombstone) until then, or Redis's older value
+        # would come back.
+        self.tombstones = tombstones
         self._by_scope: dict[tuple[str, str | None], dict[str, Published]] = {}
         self.keys = 0
         self.bytes = 0
@@ -195,7 +199,7 @@ class RetainedState:
         scope = (event.channel, event.tenant)
         entries = self._by_scope.get(scope)
         old = entries.get(key) if entries else None
-        if event.deletes:
+        if event.deletes and not self.tombstones:
             if old is not None and entries is not None:
                 self._drop(scope, entries, key, old)
             return True
@@ -225,7 +229,8 @@ class RetainedState:
             del self._by_scope[scope]
 
     def snapshot(self, channels: Iterable[str], tenant: str | None) -> list[Published]:
-        """Retained events of ``channels`` visible to ``tenant``, in publish order."""
+        """Retained events of ``channels`` visible to ``tenant``, in publish order
+        (tombstones included when kept: callers merging with Redis need them)."""
         found: list[Published] = []
         for channel in channels:
             found.extend(self._scope(channel, None))

@@ -22,6 +22,7 @@ from broker.auth.grants import public_allows
 from broker.connection import Connection
 from broker.envelope import check_channel
 from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable
+from broker.resume import backlog
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def check_stream_request(broker: Broker, request: web.Request) -> tuple[str, ...
             status=503,
             reason="drain" if reason == "draining" else "not_ready",
         )
-    if len(broker.hub.connections) >= cfg.limits.max_connections:
+    if 0 < cfg.limits.max_connections <= len(broker.hub.connections):
         raise Retryable(
             "limits.max_connections reached",
             code="too_many_connections",
@@ -134,9 +135,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     # Registered (paused) before anything is written: whatever is published
     # from here on queues up behind the backlog, so nothing is missed and
     # nothing is sent twice.
-    upto = broker.register(conn)
+    resume_from = last_event_id(request)
+    await broker.catch_up(resume_from)
+    position = broker.register(conn)
     try:
-        frames = await broker.backlog(conn, last_event_id(request), upto)
+        frames = await backlog(broker, conn, resume_from, position)
         preamble = sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
         await write_backlog(resp, conn, preamble, frames, broker.cfg.limits.write_buffer_bytes)
         broker.hub.start(conn)

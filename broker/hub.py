@@ -99,7 +99,11 @@ class Hub:
     def publish(self, event: Event, position: tuple[int, str] | None = None) -> Published:
         """Give ``event`` its id (the next one, or ``position`` from a stream) and queue
         it to every connection that may see it. Returns it for history and state."""
-        seq, id = position or self.next_id()
+        if position is None:
+            seq, id = self.next_id()
+        else:
+            seq, id = position
+            self.seq = seq
         now = time.monotonic()
         pub = Published(event, seq, id, now)
         self.head = id

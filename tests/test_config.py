@@ -607,7 +607,6 @@ def test_cross_key_rules(overrides: list[str], needle: str) -> None:
             "auth.mode = 'callback' is not supported by this version yet",
         ),
         (["auth.mode=laravel"], "auth.mode = 'laravel' is not supported by this version yet"),
-        (["ingest.mode=stream"], "ingest.mode = 'stream' is not supported by this version yet"),
         (["ingest.format=laravel"], "ingest.format = 'laravel' is not supported"),
         (["server.workers=4"], "server.workers = 4 is not supported by this version yet"),
         (
@@ -620,6 +619,11 @@ def test_not_yet_supported_settings_are_refused(overrides: list[str], expected: 
     message = config_error(overrides=overrides)
     assert expected in message
     assert "(from --set)" in message
+
+
+def test_stream_mode_is_supported() -> None:
+    cfg = load_config(None, env={}, overrides=["ingest.mode=stream", "ingest.stream_key=app:ev"])
+    assert (cfg.ingest.mode, cfg.ingest.stream_key) == ("stream", "app:ev")
 
 
 def test_validation_runs_before_the_not_yet_supported_table() -> None:

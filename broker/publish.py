@@ -1,0 +1,96 @@
+"""Publishing into Redis for ``POST /publish`` and ``sse-broker publish``.
+
+Events are written to Redis in the configured mode (never delivered
+locally), so every broker instance on that Redis delivers them alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from broker.config import Config
+from broker.envelope import Event, check_channel, encode_native, encode_stream, from_fields
+from broker.errors import BadRequest, ConfigError, Rejected
+
+MAX_ITEMS = 1000
+
+
+def load_publish_keys(cfg: Config) -> tuple[str, ...]:
+    """``publish.keys`` plus one key per non-empty line of ``publish.keys_file``."""
+    keys = list(cfg.publish.keys)
+    if cfg.publish.keys_file:
+        try:
+            text = Path(cfg.publish.keys_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"publish.keys_file: cannot read {cfg.publish.keys_file}: {exc.strerror}"
+            ) from None
+        keys.extend(line.strip() for line in text.splitlines() if line.strip())
+    return tuple(keys)
+
+
+def parse_items(body: bytes, max_event_bytes: int) -> list[Event]:
+    """Validate a publish body: one envelope with a ``channel`` field, or a list of them.
+
+    Raises BadRequest naming the item and the field; nothing is published
+    unless every item is valid.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}", code="bad_json") from None
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        raise BadRequest("empty list: nothing to publish", code="no_events")
+    if len(items) > MAX_ITEMS:
+        raise BadRequest(
+            f"{len(items)} events in one request; at most {MAX_ITEMS}", code="too_many"
+        )
+    return [_item(i, item, max_event_bytes, len(items) > 1) for i, item in enumerate(items)]
+
+
+def _item(index: int, item: Any, max_event_bytes: int, many: bool) -> Event:
+    where = f"item {index}: " if many else ""
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where}expected a JSON object", code="bad_envelope")
+    channel = item.get("channel")
+    if not isinstance(channel, str):
+        raise BadRequest(f"{where}field 'channel' must be a string", code="bad_channel")
+    if "data" not in item:
+        raise BadRequest(f"{where}field 'data' is required", code="bad_data")
+    try:
+        event = from_fields(check_channel(channel), item)
+    except Rejected as exc:
+        raise BadRequest(where + exc.message, code=exc.code) from None
+    size = len(encode_native(event))
+    if size > max_event_bytes:
+        raise BadRequest(
+            f"{where}event of {size} bytes exceeds limits.max_event_bytes = {max_event_bytes}",
+            code="too_large",
+        )
+    return event
+
+
+async def publish_events(client: aioredis.Redis, cfg: Config, events: list[Event]) -> list[str]:
+    """Write ``events`` to Redis in one pipeline; the stream ids in stream mode, else []."""
+    pipe = client.pipeline(transaction=False)
+    stream = cfg.ingest.mode == "stream"
+    # Publishers trim as they add: keep what the replay window needs.
+    min_id = f"{int(time.time() * 1000) - cfg.replay.ttl_seconds * 1000}-0"
+    for event in events:
+        if stream:
+            _ = pipe.xadd(
+                cfg.ingest.stream_key,
+                encode_stream(event),  # type: ignore[arg-type]
+                minid=min_id,
+                approximate=True,
+            )
+        else:
+            _ = pipe.publish(cfg.ingest.prefix + event.channel, encode_native(event))
+    results = await pipe.execute()
+    return [r.decode() if isinstance(r, bytes) else str(r) for r in results] if stream else []

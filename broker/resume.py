@@ -1,0 +1,177 @@
+"""What a stream gets before its live events: replay, reset, retained state.
+
+- Fresh connection (no Last-Event-ID): the retained state of its channels,
+  then ``id: <head>``, so even a client that never receives an event holds a
+  position to resume from.
+- Exact resume: exactly the events it missed and may see, in order.
+- Otherwise: ``broker.reset`` (reason, jittered ``refetch_after_ms``,
+  ``id: <head>``), then the retained state and the head id again.
+
+Pub/sub mode decides from the process's history alone. Stream mode serves
+from memory when this instance's history covers the position, else from
+XRANGE, and resets only when the stream lost entries after the position
+(``max-deleted-entry-id``).
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import chain
+from typing import TYPE_CHECKING, cast
+
+from redis.exceptions import RedisError, ResponseError
+
+from broker import control, sse
+from broker.connection import Connection
+from broker.envelope import decode_stream
+from broker.errors import Rejected
+from broker.hub import Published
+from broker.ingest.stream import Entry, stream_seq
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+log = logging.getLogger(__name__)
+
+XRANGE_BATCH = 1000
+
+
+async def backlog(
+    broker: Broker, conn: Connection, last_id: str | None, position: tuple[int, str]
+) -> list[bytes]:
+    """The frames ``conn`` gets before live events, for a stream registered at ``position``."""
+    upto, head = position
+    frames: list[bytes] = []
+    if last_id is not None:
+        reason, missed = await _resume(broker, conn.channels, last_id, upto, head)
+        if reason is None:
+            frames = [p.frame for p in missed if conn.may_see(p.event)]
+            broker.stats.replays_served += 1
+            broker.stats.events_replayed += len(frames)
+            conn.last_id = last_id
+            return frames
+        broker.stats.resets[reason] += 1
+        frames.append(control.reset_frame(reason, head, control.jitter(broker.cfg.sse.retry_ms)))
+    return _with_state(conn, head, frames, await _state(broker, conn, upto))
+
+
+def outage_frames(broker: Broker, conn: Connection, head: str) -> list[bytes]:
+    """Pub/sub mode, after an outage: ``broker.reset`` (outage), then the retained state."""
+    reset = control.reset_frame("outage", head, control.jitter(broker.cfg.sse.retry_ms))
+    return _with_state(conn, head, [reset], _memory_state(broker, conn, broker.hub.seq))
+
+
+def _with_state(
+    conn: Connection, head: str, frames: list[bytes], state: list[Published]
+) -> list[bytes]:
+    frames.extend(p.frame for p in state)
+    if state or not frames:
+        # Retained events carry their own (older) ids: end on the head so the
+        # client resumes from here, not from the oldest state entry.
+        frames.append(sse.encode_id(head))
+    conn.last_id = head
+    return frames
+
+
+def _visible(conn: Connection, pub: Published, upto: int) -> bool:
+    # Entries past ``upto`` reach the stream live; tombstones only mark deletions.
+    return pub.seq <= upto and not pub.event.deletes and conn.may_see(pub.event)
+
+
+def _memory_state(broker: Broker, conn: Connection, upto: int) -> list[Published]:
+    return [
+        p for p in broker.retained.snapshot(conn.channels, conn.tenant) if _visible(conn, p, upto)
+    ]
+
+
+async def _state(broker: Broker, conn: Connection, upto: int) -> list[Published]:
+    if not broker.stream_mode:
+        return _memory_state(broker, conn, upto)
+    # Redis holds the state from before this process; memory what this
+    # process read since (possibly not yet written back). Later id wins.
+    try:
+        stored = await broker.redis_retained.load(broker.redis(), conn.channels)
+    except (RedisError, OSError) as exc:
+        log.warning("retained state unavailable from Redis (%s): sending what memory has", exc)
+        stored = []
+    latest: dict[tuple[str, str | None, str | None], Published] = {}
+    for pub in chain(stored, broker.retained.snapshot(conn.channels, conn.tenant)):
+        event = pub.event
+        if event.tenant is not None and event.tenant != conn.tenant:
+            continue
+        key = (event.channel, event.tenant, event.retain)
+        if key not in latest or pub.seq > latest[key].seq:
+            latest[key] = pub
+    return sorted((p for p in latest.values() if _visible(conn, p, upto)), key=lambda p: p.seq)
+
+
+async def _resume(
+    broker: Broker, channels: tuple[str, ...], last_id: str, upto: int, upto_id: str
+) -> tuple[str | None, list[Published]]:
+    """(None, missed events) for an exact resume, else (reset reason, [])."""
+    if broker.stream_mode:
+        seq = stream_seq(last_id)
+        if seq is None or seq > upto:
+            return "unknown_id", []
+        if seq >= broker.stream_start and broker.history.lost_after(channels, seq) is None:
+            return None, broker.history.since(channels, seq, upto)
+        return await _from_stream(broker, channels, last_id, seq, upto_id)
+    epoch, sep, seq_text = last_id.partition("-")
+    if not (sep and epoch.isascii() and epoch.isdigit() and seq_text.isascii()):
+        return "unknown_id", []
+    if not seq_text.isdigit():
+        return "unknown_id", []
+    if epoch != broker.hub.epoch:
+        return "epoch", []
+    seq = int(seq_text)
+    if seq > upto:
+        return "unknown_id", []
+    reason = broker.history.lost_after(channels, seq)
+    if reason is not None:
+        return reason, []
+    return None, broker.history.since(channels, seq, upto)
+
+
+async def _from_stream(
+    broker: Broker, channels: tuple[str, ...], last_id: str, seq: int, upto_id: str
+) -> tuple[str | None, list[Published]]:
+    """Missed events read back from the stream (older than this instance's memory)."""
+    client = broker.redis()
+    key = broker.cfg.ingest.stream_key
+    try:
+        info = await client.xinfo_stream(key)
+    except ResponseError:
+        return "expired", []  # no stream at all: whatever the client saw is gone
+    deleted = info.get("max-deleted-entry-id")
+    if deleted is not None:
+        lost = (stream_seq(deleted.decode()) or 0) > seq
+    else:  # Redis < 7: only the first entry tells; assume the worst
+        first = info.get("first-entry")
+        lost = first is not None and (stream_seq(first[0].decode()) or 0) > seq
+    if lost:
+        return "expired", []
+    wanted = {c.encode() for c in channels}
+    missed: list[Published] = []
+    size = 0
+    start = "(" + last_id
+    while True:
+        entries = cast(
+            list[Entry],
+            await client.xrange(key, min=start, max=upto_id, count=XRANGE_BATCH),
+        )
+        for raw_id, fields in entries:
+            if fields.get(b"channel") not in wanted:
+                continue
+            try:
+                event = decode_stream(fields, broker.cfg.limits.max_event_bytes)
+            except Rejected:
+                continue  # counted when the reader first saw it
+            id = raw_id.decode()
+            pub = Published(event, stream_seq(id) or 0, id, 0.0)
+            missed.append(pub)
+            size += len(pub.frame)
+            if size > broker.cfg.replay.max_bytes:
+                return "expired", []  # more than a replay may hold
+        if len(entries) < XRANGE_BATCH:
+            return None, missed
+        start = "(" + entries[-1][0].decode()
