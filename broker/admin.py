@@ -52,7 +52,10 @@ async def publish(request: web.Request) -> web.Response:
             ) from None
         events = parse_items(body, broker.cfg.limits.max_event_bytes)
     except BrokerError as exc:
-        return error_response(exc)
+        resp = error_response(exc)
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="sse-broker publish"'
+        return resp
     try:
         ids = await publish_events(broker.redis(), broker.cfg, events)
     except (RedisError, OSError) as exc:
