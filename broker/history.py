@@ -33,7 +33,7 @@ MAX_EMPTY_CHANNELS = 100_000
 
 
 def entry_size(pub: Published) -> int:
-    return len(pub.frame) + len(pub.chunk) + ENTRY_OVERHEAD
+    return pub.size + ENTRY_OVERHEAD
 
 
 class _Log:

@@ -154,12 +154,12 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 def last_event_id(request: web.Request) -> str | None:
-    """The resume position: the header wins (on automatic reconnects the query is stale)."""
-    header = request.headers.get("Last-Event-ID")
-    if header is not None:
-        return header.strip()
-    query = request.query.get("last_event_id")
-    return query.strip() if query else None
+    """The resume position: the header wins (on automatic reconnects the query is stale).
+
+    An empty value is no position, as for a browser (it omits the header then).
+    """
+    header = request.headers.get("Last-Event-ID", "").strip()
+    return header or request.query.get("last_event_id", "").strip() or None
 
 
 BACKLOG_BATCH = 64 * 1024

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Published:
     """An event after the broker accepted it: its id and its wire bytes."""
 
-    __slots__ = ("chunk", "event", "frame", "id", "ingested_at", "seq")
+    __slots__ = ("chunk", "event", "frame", "id", "ingested_at", "seq", "size")
 
     def __init__(self, event: Event, seq: int, id: str, ingested_at: float) -> None:
         self.event = event
@@ -39,6 +39,7 @@ class Published:
         self.ingested_at = ingested_at
         self.frame = sse.encode_event(event.data, event=event.event, id=id)
         self.chunk = chunk(self.frame)
+        self.size = len(self.frame) + len(self.chunk)
 
 
 def new_epoch() -> str:
