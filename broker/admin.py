@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
@@ -52,10 +53,7 @@ async def publish(request: web.Request) -> web.Response:
             ) from None
         events = parse_items(body, broker.cfg.limits.max_event_bytes)
     except BrokerError as exc:
-        resp = error_response(exc)
-        if exc.status == 401:
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="sse-broker publish"'
-        return resp
+        return error_response(exc)
     try:
         ids = await publish_events(broker.redis(), broker.cfg, events)
     except (RedisError, OSError) as exc:
@@ -68,6 +66,44 @@ async def publish(request: web.Request) -> web.Response:
     return json_response(200, {"published": len(events), "ids": ids})
 
 
+async def disconnect(request: web.Request) -> web.Response:
+    """``POST /admin/disconnect {"user": U, "tenant": T}``: close those streams now.
+
+    Given both, only streams of that user in that tenant. When publish keys
+    are configured the same bearer key is required; without them the admin
+    listener (private by design) is the only guard.
+    """
+    broker = request.app[BROKER]
+    try:
+        if broker.publish_keys:
+            _check_bearer(request, broker.publish_keys)
+        try:
+            doc = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"body is not JSON: {exc}", code="bad_json") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("expected a JSON object", code="bad_json")
+        user, tenant = (_selector(doc, name) for name in ("user", "tenant"))
+        if user is None and tenant is None:
+            raise BadRequest("give 'user' and/or 'tenant'", code="no_selector")
+    except BrokerError as exc:
+        return error_response(exc)
+    n = broker.disconnect(user=user, tenant=tenant)
+    log.info("admin disconnect user=%s tenant=%s: %d streams closed", user, tenant, n)
+    return json_response(200, {"disconnected": n})
+
+
+def _selector(doc: dict[str, object], name: str) -> str | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise BadRequest(f"field {name!r} must be a non-empty string or an integer", code="bad_" + name)
+
+
 def admin_app(broker: Broker) -> web.Application:
     max_body = max(1 << 20, broker.cfg.limits.max_event_bytes * 4 * min(MAX_ITEMS, 16))
     app = web.Application(client_max_size=max_body)
@@ -77,4 +113,5 @@ def admin_app(broker: Broker) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/publish", publish)
+    app.router.add_post("/admin/disconnect", disconnect)
     return app

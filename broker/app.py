@@ -13,15 +13,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker import control
+from broker.access import Cors, trusted_networks
+from broker.auth.factory import build_authenticator
 from broker.auth.grants import Grants
 from broker.config import Config
 from broker.connection import Connection
 from broker.envelope import Event, decode_native, decode_stream
-from broker.errors import Rejected
+from broker.errors import Rejected, Retryable
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
 from broker.ingest import Dispatcher
@@ -30,9 +34,9 @@ from broker.ingest.stream import StreamIngest, stream_seq
 from broker.metrics import Metrics, Stats
 from broker.publish import load_publish_keys
 from broker.redis_conn import redis_target
-from broker.resume import outage_frames
+from broker.resume import gap_frames
 from broker.retained_store import RedisRetained
-from broker.scheduler import Periodic, Wheel
+from broker.scheduler import Deadlines, Periodic, Wheel
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,14 @@ class Broker:
             tombstones=self.stream_mode,
         )
         self.heartbeats = Wheel(cfg.sse.heartbeat_seconds, self.hub.heartbeat)
+        self.deadlines = Deadlines(self._deadline)
         self.expiry = Periodic(1.0, self.history.expire)
         self.public = Grants.compile(cfg.auth.effective_public_channels)
+        self.auth = build_authenticator(cfg, self.stats, self.metrics)
+        self.cors = Cors(cfg.server.cors_origins)
+        self.trusted = trusted_networks(cfg.server.trusted_proxies)
+        self.per_tenant: Counter[str] = Counter()
+        self.per_ip: Counter[str] = Counter()
         self.target = redis_target(cfg.redis)
         self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
@@ -80,6 +90,7 @@ class Broker:
                 self._on_stream_start,
                 self._after_stream_batch,
                 self._on_ingest_state,
+                self._on_stream_gap,
             )
         else:
             self.ingest = PubSubIngest(
@@ -140,6 +151,15 @@ class Broker:
         self.hub.head, self.hub.seq = last_id, seq
         self.stream_start = seq
 
+    def _on_stream_gap(self, deleted: str) -> None:
+        # Entries up to ``deleted`` are gone unread: the head moves there (a
+        # position a client can resume from) and everyone before it resets.
+        seq = stream_seq(deleted)
+        assert seq is not None
+        if seq > self.hub.seq:
+            self.hub.head, self.hub.seq = deleted, seq
+        self._mark_gap("expired")
+
     async def _after_stream_batch(self) -> None:
         try:
             await self.redis_retained.flush(self.redis())
@@ -164,19 +184,61 @@ class Broker:
                 while self.hub.seq < seq:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
 
-    def register(self, conn: Connection) -> tuple[int, str]:
+    def check_limits(self, tenant: str | None, ip: str) -> None:
+        """Raise the retryable 429 when a connection limit is reached (limits are per process)."""
+        limits = self.cfg.limits
+        hit = None
+        if 0 < limits.max_connections <= len(self.hub.connections):
+            hit = "limits.max_connections"
+        elif tenant and 0 < limits.max_connections_per_tenant <= self.per_tenant[tenant]:
+            hit = "limits.max_connections_per_tenant"
+        elif ip and 0 < limits.max_connections_per_ip <= self.per_ip[ip]:
+            hit = "limits.max_connections_per_ip"
+        if hit is not None:
+            raise Retryable(
+                f"{hit} reached", code="too_many_connections", status=429, reason="limit"
+            )
+
+    def register(self, conn: Connection, expires_at: float | None = None) -> tuple[int, str]:
         """Subscribe ``conn`` (paused) and return the position it was registered at.
 
         From here on every live event queues up on the connection; the backlog
         (replay or snapshot) covers exactly the events up to that position.
+        ``expires_at`` (epoch seconds, a token's ``exp``) ends the stream then.
         """
         self.hub.add(conn)
         self.heartbeats.add(conn)
+        if conn.tenant:
+            self.per_tenant[conn.tenant] += 1
+        self.per_ip[conn.remote] += 1
+        if expires_at is not None:
+            loop = asyncio.get_running_loop()
+            self.deadlines.add(conn, loop.time() + (expires_at - time.time()), "token_expired")
         return self.hub.seq, self.hub.head
 
     def unregister(self, conn: Connection) -> None:
         self.heartbeats.remove(conn)
         self.hub.remove(conn)
+        for counter, key in ((self.per_tenant, conn.tenant), (self.per_ip, conn.remote)):
+            if key is not None:
+                counter[key] -= 1
+                if counter[key] <= 0:
+                    del counter[key]
+
+    def _deadline(self, conn: Connection, reason: str) -> None:
+        retry = control.jitter(self.cfg.sse.retry_ms)
+        self.hub.end(conn, reason, control.reconnect_frame(reason, retry, self.hub.head))
+
+    def disconnect(self, *, user: str | None, tenant: str | None) -> int:
+        """Close the streams of a user and/or tenant now (logout, revoked tenant)."""
+        doomed = [
+            c
+            for c in self.hub.connections
+            if (user is None or c.user == user) and (tenant is None or c.tenant == tenant)
+        ]
+        for conn in doomed:
+            self._deadline(conn, "revoked")
+        return len(doomed)
 
     # -- readiness ----------------------------------------------------------------
 
@@ -194,24 +256,24 @@ class Broker:
         if self._ever_subscribed:
             self.stats.redis_reconnects += 1
             if not self.stream_mode:  # a stream reader reads on: no hole
-                self._mark_outage()
+                self.hub.skip()  # a position standing for the lost events
+                self._mark_gap("outage")
         self._ever_subscribed = True
 
-    def _mark_outage(self) -> None:
-        # Pub/sub drops whatever was published while we were away: burn a
-        # position for the hole so resumes across it reset, and tell every
-        # open stream now instead of letting it believe it saw everything.
-        head = self.hub.skip()
+    def _mark_gap(self, reason: str) -> None:
+        # Events were lost to this process up to the head (pub/sub: published
+        # while we were away; stream: trimmed before we read them). Resumes
+        # from before the head reset, and every open stream is told now
+        # instead of believing it saw everything.
+        head = self.hub.head
         self.history.mark_hole(self.hub.seq)
         conns = [c for c in self.hub.connections if not c.closed]
         for conn in conns:
-            for frame in outage_frames(self, conn, head):
+            for frame in gap_frames(self, conn, reason, head):
                 self.hub.send(conn, frame)
-        self.stats.resets["outage"] += len(conns)
+        self.stats.resets[reason] += len(conns)
         if conns:
-            log.warning(
-                "redis subscription restored: sent broker.reset (outage) to %d streams", len(conns)
-            )
+            log.warning("sent broker.reset (%s) to %d open streams", reason, len(conns))
 
     def _gauges(self) -> dict[str, float]:
         return {
@@ -232,6 +294,8 @@ class Broker:
 
     async def stop(self) -> None:
         self.heartbeats.stop()
+        self.deadlines.stop()
+        await self.auth.close()
         self.expiry.stop()
         if self._ingest_task is not None:
             self._ingest_task.cancel()

@@ -42,9 +42,24 @@ def _fail(message: str) -> NoReturn:
 def _load(config_path: str | None, overrides: tuple[str, ...]) -> Config:
     path = config_path or os.environ.get("SSE_BROKER_CONFIG") or None
     try:
-        return load_config(path, overrides=overrides)
+        cfg = load_config(path, overrides=overrides)
+        check_files(cfg)
     except ConfigError as exc:
         _fail(exc.message)
+    return cfg
+
+
+def check_files(cfg: Config) -> None:
+    """Read every file the config names (keys, secrets), so bad ones fail at start."""
+    from broker.publish import load_publish_keys
+    from broker.redis_conn import redis_target
+
+    redis_target(cfg.redis)
+    load_publish_keys(cfg)
+    if cfg.auth.mode == "jwt":
+        from broker.auth.jwt import load_keys
+
+        load_keys(cfg.auth.jwt)
 
 
 @click.group()
@@ -85,6 +100,33 @@ def check_config(file: str, overrides: tuple[str, ...]) -> None:
     for warning in config_warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{file}: OK", err=True)
+
+
+@main.command()
+@click.option("--user", required=True, help="The user id (claim auth.jwt.user_claim).")
+@click.option("--tenant", default=None, help="The tenant (claim auth.jwt.tenant_claim).")
+@click.option(
+    "--channel", "channels", multiple=True, help="A granted channel pattern (repeatable)."
+)
+@click.option("--ttl", default=3600, show_default=True, help="Seconds until the token expires.")
+@_config_option
+@_set_option
+def token(
+    user: str,
+    tenant: str | None,
+    channels: tuple[str, ...],
+    ttl: int,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Mint a development JWT signed with the configured HS* secret."""
+    from broker.auth.jwt import mint
+
+    cfg = _load(config_path, overrides)
+    try:
+        click.echo(mint(cfg, user=user, tenant=tenant, channels=list(channels), ttl=ttl))
+    except ConfigError as exc:
+        _fail(exc.message)
 
 
 def _parse_data(text: str) -> Any:

@@ -48,7 +48,6 @@ class Event(NamedTuple):
     marks a retained key's removal (``data: null`` with ``retain``).
     """
 
-
     channel: str
     data: str
     event: str = "message"
@@ -200,7 +199,10 @@ def decode_stream(fields: dict[bytes, bytes], max_bytes: int) -> Event:
     it), ``users`` is a JSON array, ``retain`` a key; ``data`` ``null`` with
     ``retain`` deletes the key.
     """
-    size = sum(len(k) + len(v) for k, v in fields.items())
+    # The channel is addressing, not payload (as in pub/sub, where it is not
+    # part of the message): a stream entry and the native message carrying
+    # the same event then measure alike, the stream one never larger.
+    size = sum(len(k) + len(v) for k, v in fields.items() if k != b"channel")
     if size > max_bytes:
         raise Rejected(
             f"stream entry of {size} bytes exceeds limits.max_event_bytes = {max_bytes}",

@@ -1,7 +1,7 @@
-"""The public listener: ``GET /events`` and health.
+"""The public listener: ``GET /events``, CORS and health.
 
-A stream request is checked (channels, grants, readiness, limits) before any
-byte is sent, so every refusal is a proper status with a JSON body. Retryable
+A stream request is checked (channels, readiness, credentials, grants,
+limits) before any byte is sent, so every refusal is a proper status with a JSON body. Retryable
 refusals to an EventSource become a 200 carrying ``broker.reconnect``,
 because a browser gives up for good on any other status.
 """
@@ -17,11 +17,12 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from broker import control, sse
+from broker.access import client_ip, credentials
 from broker.app import Broker
-from broker.auth.grants import public_allows
+from broker.auth import Identity, authorize
 from broker.connection import Connection
 from broker.envelope import check_channel
-from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable
+from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable, Unauthorized
 from broker.resume import backlog
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,11 @@ def json_response(status: int, body: object, headers: dict[str, str] | None = No
 
 
 def error_response(exc: BrokerError) -> web.Response:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Retryable) else None
+    headers: dict[str, str] = {}
+    if isinstance(exc, Retryable):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="sse-broker"'
     return json_response(exc.status, exc.to_json(), headers)
 
 
@@ -72,12 +77,7 @@ def requested_channels(request: web.Request, max_channels: int) -> tuple[str, ..
     return channels
 
 
-def check_stream_request(broker: Broker, request: web.Request) -> tuple[str, ...]:
-    cfg = broker.cfg
-    channels = requested_channels(request, cfg.limits.max_channels_per_connection)
-    for name in channels:
-        if not public_allows(broker.public, name):
-            raise Forbidden(f"channel {name!r} is not granted", code="channel_forbidden")
+def check_ready(broker: Broker) -> None:
     reason = broker.not_ready_reason()
     if reason is not None:
         raise Retryable(
@@ -86,14 +86,34 @@ def check_stream_request(broker: Broker, request: web.Request) -> tuple[str, ...
             status=503,
             reason="drain" if reason == "draining" else "not_ready",
         )
-    if 0 < cfg.limits.max_connections <= len(broker.hub.connections):
-        raise Retryable(
-            "limits.max_connections reached",
-            code="too_many_connections",
-            status=429,
-            reason="limit",
-        )
-    return channels
+
+
+async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Identity]:
+    """Every check a stream request must pass, cheapest first; raises BrokerError."""
+    cfg = broker.cfg
+    channels = requested_channels(request, cfg.limits.max_channels_per_connection)
+    check_ready(broker)  # before auth: no callback to the app while we cannot serve
+    ip = client_ip(request, broker.trusted)
+    creds = credentials(request, cfg, ip)
+    try:
+        identity = await broker.auth.authenticate(creds, channels)
+        authorize(identity, broker.public, channels, anonymous_may_log_in=cfg.auth.mode != "none")
+    except (Unauthorized, Forbidden) as exc:
+        broker.stats.auth_failures[exc.code] += 1
+        raise
+    broker.check_limits(identity.tenant, ip)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away before the stream started")
+    conn = Connection(
+        transport,
+        chunked=request.version >= HttpVersion11,
+        channels=channels,
+        user=identity.user,
+        tenant=identity.tenant,
+        remote=ip,
+    )
+    return conn, identity
 
 
 async def soft_refusal(request: web.Request, exc: Retryable, retry_ms: int) -> web.StreamResponse:
@@ -109,7 +129,7 @@ async def soft_refusal(request: web.Request, exc: Retryable, retry_ms: int) -> w
 async def events(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     try:
-        channels = check_stream_request(broker, request)
+        conn, identity = await admit(broker, request)
     except Retryable as exc:
         broker.stats.requests_refused[exc.code] += 1
         if wants_event_stream(request):
@@ -119,25 +139,15 @@ async def events(request: web.Request) -> web.StreamResponse:
         broker.stats.requests_refused[exc.code] += 1
         return error_response(exc)
 
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away before the stream started")
     resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     resp.force_close()  # a stream ends with its connection
     await resp.prepare(request)
-
-    conn = Connection(
-        transport,
-        chunked=request.version >= HttpVersion11,
-        channels=channels,
-        remote=request.remote or "",
-    )
+    resume_from = last_event_id(request)
+    await broker.catch_up(resume_from)
     # Registered (paused) before anything is written: whatever is published
     # from here on queues up behind the backlog, so nothing is missed and
     # nothing is sent twice.
-    resume_from = last_event_id(request)
-    await broker.catch_up(resume_from)
-    position = broker.register(conn)
+    position = broker.register(conn, identity.expires_at)
     try:
         frames = await backlog(broker, conn, resume_from, position)
         preamble = sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
@@ -219,10 +229,27 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(503, {"status": "not_ready", "reason": reason}, {"Retry-After": "1"})
 
 
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streams included, carries CORS headers for an allowed Origin."""
+    cors = request.app[BROKER].cors
+    if cors.enabled:
+        response.headers.update(cors.headers(request.headers.get("Origin")))
+        response.headers.add("Vary", "Origin")
+
+
+async def preflight(request: web.Request) -> web.Response:
+    cors = request.app[BROKER].cors
+    headers = cors.preflight_headers(request.headers.get("Origin"))
+    # Without an allowed origin: no CORS headers at all, so the browser refuses.
+    return web.Response(status=204, headers=headers)
+
+
 def public_app(broker: Broker) -> web.Application:
     app = web.Application()
     app[BROKER] = broker
+    app.on_response_prepare.append(add_cors_headers)
     app.router.add_get(broker.cfg.server.path, events, allow_head=False)
+    app.router.add_route("OPTIONS", broker.cfg.server.path, preflight)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -197,15 +197,19 @@ class Hub:
             else:
                 self.send(conn, sse.HEARTBEAT)
 
+    def end(self, conn: Connection, reason: str, frame: bytes | None = None) -> None:
+        """Close ``conn`` on purpose: its pending frames and ``frame`` go out first."""
+        if frame is not None:
+            self.send(conn, frame)
+        self.flush_one(conn)
+        conn.finish(reason)
+
     def close_all(self, reason: str, frame: bytes | None = None) -> None:
         for conn in list(self.connections):
-            if frame is not None:
-                self.send(conn, frame)
-            self.flush_one(conn)
-            conn.finish(reason)
+            self.end(conn, reason, frame)
 
     def flush_one(self, conn: Connection) -> None:
-        if conn.pending and not conn.closed:
+        if conn.pending and not conn.closed and not conn.paused:
             data = b"".join(conn.pending)
             conn.pending.clear()
             self.stats.bytes_sent += len(data)

@@ -22,6 +22,8 @@ class Stats:
     """Mutable counters the broker updates as it runs (one instance per process)."""
 
     __slots__ = (
+        "auth_calls",
+        "auth_failures",
         "bytes_sent",
         "connections_closed",
         "connections_opened",
@@ -49,6 +51,8 @@ class Stats:
         self.events_replayed = 0
         self.resets: Counter[str] = Counter()
         self.retained_refused = 0
+        self.auth_failures: Counter[str] = Counter()
+        self.auth_calls: Counter[str] = Counter()
 
 
 class _StatsCollector(Collector):
@@ -81,6 +85,18 @@ class _StatsCollector(Collector):
             "retained_refused",
             "Retained keys refused or dropped at replay.max_retained_keys/bytes.",
             s.retained_refused,
+        )
+        yield _labelled(
+            "auth_failures",
+            "Stream requests refused by auth, by reason.",
+            "reason",
+            s.auth_failures,
+        )
+        yield _labelled(
+            "auth_backend_calls",
+            "Auth backend (callback/laravel) calls, by result.",
+            "result",
+            s.auth_calls,
         )
         for name, value in self._gauges().items():
             g = GaugeMetricFamily(PREFIX + name, _GAUGE_HELP.get(name, name))
@@ -121,6 +137,13 @@ class Metrics:
             PREFIX + "publish_to_write_seconds",
             "Time from ingest of an event to its write to the first connection.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
+
+        self.auth_latency = Histogram(
+            PREFIX + "auth_backend_seconds",
+            "Latency of calls to the auth backend (callback/laravel).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=self.registry,
         )
 

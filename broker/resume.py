@@ -19,6 +19,7 @@ import logging
 from itertools import chain
 from typing import TYPE_CHECKING, cast
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from broker import control, sse
@@ -55,9 +56,10 @@ async def backlog(
     return _with_state(conn, head, frames, await _state(broker, conn, upto))
 
 
-def outage_frames(broker: Broker, conn: Connection, head: str) -> list[bytes]:
-    """Pub/sub mode, after an outage: ``broker.reset`` (outage), then the retained state."""
-    reset = control.reset_frame("outage", head, control.jitter(broker.cfg.sse.retry_ms))
+def gap_frames(broker: Broker, conn: Connection, reason: str, head: str) -> list[bytes]:
+    """For an open stream after events were lost: ``broker.reset``, then the retained
+    state this process holds in memory."""
+    reset = control.reset_frame(reason, head, control.jitter(broker.cfg.sse.retry_ms))
     return _with_state(conn, head, [reset], _memory_state(broker, conn, broker.hub.seq))
 
 
@@ -132,23 +134,37 @@ async def _resume(
     return None, broker.history.since(channels, seq, upto)
 
 
+async def trimmed_after(client: aioredis.Redis, key: str, last_id: str, seq: int) -> bool:
+    """Whether the stream lost entries after ``last_id`` (trimmed or deleted).
+
+    Trimming removes the oldest entries first: while an entry at or before
+    the position remains, nothing after it was trimmed. When none remains,
+    the position is safe only if the stream never lost an entry at all.
+    Entries removed one by one (XDEL) show in ``max-deleted-entry-id``.
+    """
+    pipe = client.pipeline(transaction=True)
+    _ = pipe.xinfo_stream(key)
+    _ = pipe.xrevrange(key, last_id, "-", count=1)
+    try:
+        info, before = await pipe.execute()
+    except ResponseError:
+        return True  # no stream at all: whatever the client saw is gone
+    deleted = info.get("max-deleted-entry-id")
+    if deleted is not None and (stream_seq(bytes(deleted).decode()) or 0) > seq:
+        return True
+    if before:
+        return False
+    added = info.get("entries-added")
+    return added is None or int(added) != int(info["length"])
+
+
 async def _from_stream(
     broker: Broker, channels: tuple[str, ...], last_id: str, seq: int, upto_id: str
 ) -> tuple[str | None, list[Published]]:
     """Missed events read back from the stream (older than this instance's memory)."""
     client = broker.redis()
     key = broker.cfg.ingest.stream_key
-    try:
-        info = await client.xinfo_stream(key)
-    except ResponseError:
-        return "expired", []  # no stream at all: whatever the client saw is gone
-    deleted = info.get("max-deleted-entry-id")
-    if deleted is not None:
-        lost = (stream_seq(deleted.decode()) or 0) > seq
-    else:  # Redis < 7: only the first entry tells; assume the worst
-        first = info.get("first-entry")
-        lost = first is not None and (stream_seq(first[0].decode()) or 0) > seq
-    if lost:
+    if await trimmed_after(client, key, last_id, seq):
         return "expired", []
     wanted = {c.encode() for c in channels}
     missed: list[Published] = []

@@ -10,7 +10,9 @@ the period whatever the number of connections.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 from collections.abc import Callable
 
 from broker.connection import Connection
@@ -91,3 +93,57 @@ class Periodic:
             log.exception("periodic task failed")
         if self._handle is not None:
             self.start()
+
+
+class Deadlines:
+    """One loop timer for many per-connection deadlines (token expiry, maximum age).
+
+    A heap ordered by due time; the timer is armed for the earliest entry
+    only. Entries of connections that closed meanwhile are skipped when due.
+    """
+
+    def __init__(self, fire: Callable[[Connection, str], None]) -> None:
+        self._fire = fire
+        self._heap: list[tuple[float, int, Connection, str]] = []
+        self._counter = 0
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = math.inf
+
+    def add(self, conn: Connection, when: float, reason: str) -> None:
+        """Call ``fire(conn, reason)`` at loop time ``when`` unless ``conn`` closed first."""
+        self._counter += 1
+        heapq.heappush(self._heap, (when, self._counter, conn, reason))
+        if when < self._armed_for:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._armed_for = math.inf
+        if self._heap:
+            self._armed_for = self._heap[0][0]
+            self._handle = asyncio.get_running_loop().call_at(self._armed_for, self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        now = asyncio.get_running_loop().time()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, conn, reason = heapq.heappop(self._heap)
+            if conn.closed:
+                continue
+            try:
+                self._fire(conn, reason)
+            except Exception:
+                log.exception("deadline callback failed")
+        self._arm()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._heap.clear()
+        self._armed_for = math.inf
+
+    def __len__(self) -> int:
+        return len(self._heap)

@@ -598,14 +598,6 @@ def test_cross_key_rules(overrides: list[str], needle: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (
-            ["auth.mode=jwt", "auth.jwt.secret=0123456789abcdef0123456789abcdef"],
-            "auth.mode = 'jwt' is not supported by this version yet (planned); use 'none'",
-        ),
-        (
-            ["auth.mode=callback", "auth.callback.url=http://app/auth"],
-            "auth.mode = 'callback' is not supported by this version yet",
-        ),
         (["auth.mode=laravel"], "auth.mode = 'laravel' is not supported by this version yet"),
         (["ingest.format=laravel"], "ingest.format = 'laravel' is not supported"),
         (["server.workers=4"], "server.workers = 4 is not supported by this version yet"),
@@ -626,10 +618,21 @@ def test_stream_mode_is_supported() -> None:
     assert (cfg.ingest.mode, cfg.ingest.stream_key) == ("stream", "app:ev")
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["auth.mode=jwt", "auth.jwt.secret=0123456789abcdef0123456789abcdef"],
+        ["auth.mode=callback", "auth.callback.url=http://app/auth"],
+    ],
+)
+def test_jwt_and_callback_modes_are_supported(overrides: list[str]) -> None:
+    assert load_config(None, env={}, overrides=overrides).auth.mode == overrides[0].split("=")[1]
+
+
 def test_validation_runs_before_the_not_yet_supported_table() -> None:
-    # A jwt setup that is also invalid reports the real problem, not "unsupported".
-    message = config_error(overrides=["auth.mode=jwt", "auth.jwt.algorithms=['XX1']"])
-    assert "unsupported algorithm" in message
+    # A laravel setup that is also invalid reports the real problem, not "unsupported".
+    message = config_error(overrides=["auth.mode=laravel", "auth.laravel.url=ftp://x"])
+    assert "must be an http:// or https:// URL" in message
     assert "not supported by this version" not in message
 
 

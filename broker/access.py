@@ -1,0 +1,130 @@
+"""Who is asking: client address, credentials and CORS, read off a request.
+
+Pure functions of request data and config (no hub, no Redis), so each rule
+is easy to test and the same everywhere it is used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from broker.auth import Credentials
+from broker.config import Config
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(e, strict=False) for e in entries)
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def client_ip(request: web.Request, trusted: tuple[Network, ...]) -> str:
+    """The client's address: ``X-Forwarded-For`` is believed only from trusted proxies.
+
+    Walking the header from the right, the first address that is not a
+    trusted proxy is the client (what a client writes further left is not
+    trusted). A peer on a Unix socket is a local proxy, hence trusted.
+    """
+    peer = request.remote or ""
+    local = request.transport is not None and request.transport.get_extra_info("peername") in (
+        "",
+        None,
+    )
+    if not (local or _is_trusted(peer, trusted)):
+        return peer
+    hops = [
+        hop.strip()
+        for value in request.headers.getall("X-Forwarded-For", ())
+        for hop in value.split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def credentials(request: web.Request, cfg: Config, ip: str) -> Credentials:
+    """The request's credentials, first present wins: Bearer, ``?token=``, cookie."""
+    auth = cfg.auth
+    authorization = request.headers.get("Authorization")
+    token: str | None = None
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            token = value.strip()
+    if token is None and auth.query_param:
+        token = request.query.get(auth.query_param) or None
+    if token is None and auth.cookie:
+        token = request.cookies.get(auth.cookie) or None
+    return Credentials(
+        token=token,
+        authorization=authorization,
+        cookie_header=request.headers.get("Cookie"),
+        cookies=dict(request.cookies),
+        client_ip=ip,
+        host=request.headers.get("Host", ""),
+        forwarded_for=request.headers.get("X-Forwarded-For"),
+        forwarded_host=request.headers.get("X-Forwarded-Host"),
+        socket_id=request.query.get("socket_id") or None,
+    )
+
+
+class Cors:
+    """``server.cors_origins``: exact origins, or ``https://*.example.com`` wildcards."""
+
+    ALLOW_HEADERS = "Authorization, Last-Event-ID, Cache-Control, X-Requested-With"
+
+    def __init__(self, origins: Iterable[str]) -> None:
+        exact: set[str] = set()
+        patterns: list[str] = []
+        for origin in origins:
+            if "://*." in origin:
+                scheme, _, rest = origin.partition("://*.")
+                # One or more DNS labels before the suffix; never the bare suffix.
+                patterns.append(
+                    re.escape(scheme) + r"://[a-z0-9-]+(?:\.[a-z0-9-]+)*\." + re.escape(rest)
+                )
+            else:
+                exact.add(origin.lower())
+        self.exact = frozenset(exact)
+        self.regex = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.exact) or self.regex is not None
+
+    def allows(self, origin: str) -> bool:
+        origin = origin.lower()
+        return origin in self.exact or (
+            self.regex is not None and self.regex.fullmatch(origin) is not None
+        )
+
+    def headers(self, origin: str | None) -> dict[str, str]:
+        """CORS headers for a response to ``origin`` (none for other origins)."""
+        if not origin or not self.allows(origin):
+            return {}
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+        }
+
+    def preflight_headers(self, origin: str | None) -> dict[str, str]:
+        headers = self.headers(origin)
+        if headers:
+            headers["Access-Control-Allow-Methods"] = "GET, OPTIONS"
+            headers["Access-Control-Allow-Headers"] = self.ALLOW_HEADERS
+            headers["Access-Control-Max-Age"] = "600"
+        return headers

@@ -1,0 +1,134 @@
+"""Asking the app: a bounded cache, coalescing and a concurrency cap.
+
+Shared by ``callback`` and ``laravel`` auth. A reconnect storm (a deploy,
+the broker restarting) must not flatten the app's PHP-FPM pool: identical
+concurrent questions are asked once, answers that allow are cached, and at
+most ``max_concurrency`` calls are in flight — beyond that clients get the
+retryable refusal and come back after a jittered delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+from prometheus_client import Histogram
+
+from broker.errors import Retryable
+from broker.metrics import Stats
+
+T = TypeVar("T")
+
+CACHE_MAX_ENTRIES = 10_000
+
+
+def credential_key(*parts: str | None) -> str:
+    """A hash standing for a client's credentials (cache keys never hold secrets)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(b"\x01" if part is None else b"\x02" + part.encode() + b"\x00")
+    return h.hexdigest()
+
+
+class Backend(Generic[T]):
+    """Cache + coalescing + in-flight cap around one kind of call to the app."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        max_concurrency: int,
+        cache_ttl: float,
+        stats: Stats,
+        latency: Histogram,
+    ) -> None:
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self.cache_ttl = cache_ttl
+        self.stats = stats
+        self._cache: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
+        self._inflight: dict[Hashable, asyncio.Task[tuple[T, float]]] = {}
+        self.latency = latency
+
+    def cached(self, key: Hashable) -> T | None:
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        expires, value = hit
+        if expires < time.monotonic():
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return value
+
+    def store(self, key: Hashable, value: T, ttl: float) -> None:
+        ttl = min(ttl, self.cache_ttl)
+        if ttl <= 0:
+            return
+        self._cache[key] = (time.monotonic() + ttl, value)
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_MAX_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def forget(self, key: Hashable) -> None:
+        self._cache.pop(key, None)
+
+    async def call(
+        self,
+        key: Hashable,
+        ask: Callable[[], Awaitable[tuple[T, float]]],
+        *,
+        cache_key: Hashable | None = None,
+    ) -> T:
+        """``ask()`` once for all concurrent callers with the same ``key``; an
+        answer that allows is cached under ``cache_key`` (default ``key``).
+
+        ``ask`` returns (value, ttl) for an answer that may be cached; it
+        raises for a denial (not cached) or a failure. Past the in-flight cap
+        a new question is refused with a retryable error instead of queued.
+        The call runs in its own task, so a client that gives up does not
+        cancel the answer others are waiting for.
+        """
+        task = self._inflight.get(key)
+        if task is not None:
+            self.stats.auth_calls["coalesced"] += 1
+        else:
+            if len(self._inflight) >= self.max_concurrency:
+                self.stats.auth_calls["saturated"] += 1
+                raise Retryable(
+                    f"auth backend busy: {self.max_concurrency} calls in flight "
+                    f"(auth.{self.name}.max_concurrency)",
+                    code="auth_saturated",
+                    status=503,
+                    reason="auth_unavailable",
+                )
+            task = asyncio.create_task(
+                self._ask(key, key if cache_key is None else cache_key, ask),
+                name=f"auth-{self.name}",
+            )
+            task.add_done_callback(_retrieve)
+            self._inflight[key] = task
+        value, _ = await asyncio.shield(task)
+        return value
+
+    async def _ask(
+        self, key: Hashable, cache_key: Hashable, ask: Callable[[], Awaitable[tuple[T, float]]]
+    ) -> tuple[T, float]:
+        started = time.monotonic()
+        try:
+            value, ttl = await ask()
+            self.store(cache_key, value, ttl)
+            return value, ttl
+        finally:
+            self._inflight.pop(key, None)
+            self.latency.observe(time.monotonic() - started)
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    # Every caller may have gone away; the outcome is still consumed.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,141 @@
+"""``auth.mode = "callback"``: the app decides, with the browser's own credentials.
+
+The broker calls ``GET auth.callback.url?channel=A&channel=B`` forwarding the
+client's ``Cookie``, ``Authorization``, ``X-Forwarded-For`` and
+``X-Forwarded-Host`` (plus ``X-SSE-Broker-Key``); the app answers
+``200 {"user", "tenant", "channels", "ttl"}`` or 401/403. Timeouts, 5xx,
+redirects and malformed answers fail closed (503, retryable).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from broker.auth import ANONYMOUS, Credentials, Identity
+from broker.auth.backend import Backend, credential_key
+from broker.auth.grants import Grants, expand
+from broker.config import Config
+from broker.errors import Forbidden, Retryable, Unauthorized
+from broker.metrics import Metrics, Stats
+
+
+def unavailable(message: str) -> Retryable:
+    return Retryable(message, code="auth_unavailable", status=503, reason="auth_unavailable")
+
+
+def forwarded_headers(creds: Credentials) -> dict[str, str]:
+    """The headers that tell the app who the browser is and where it came from."""
+    headers: dict[str, str] = {}
+    if creds.cookie_header:
+        headers["Cookie"] = creds.cookie_header
+    if creds.authorization:
+        headers["Authorization"] = creds.authorization
+    if creds.client_ip:
+        chain = [creds.forwarded_for, creds.client_ip] if creds.forwarded_for else [creds.client_ip]
+        headers["X-Forwarded-For"] = ", ".join(chain)
+    host = creds.forwarded_host or creds.host
+    if host:
+        headers["X-Forwarded-Host"] = host
+    return headers
+
+
+def _id(value: Any, field: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise unavailable(f"auth callback answered a bad {field!r}: expected a string or an integer")
+
+
+class CallbackAuth:
+    def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
+        self.cfg = cfg.auth.callback
+        self.grants = cfg.auth.grants
+        self.stats = stats
+        self.backend: Backend[Identity] = Backend(
+            name="callback",
+            max_concurrency=self.cfg.max_concurrency,
+            cache_ttl=self.cfg.cache_ttl_seconds,
+            stats=stats,
+            latency=metrics.auth_latency,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
+            )
+        return self._session
+
+    async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
+        cookies = [
+            f"{name}={creds.cookies[name]}"
+            for name in self.cfg.credential_cookies
+            if name in creds.cookies
+        ]
+        if not creds.authorization and not cookies:
+            return ANONYMOUS  # never shares an entry, never calls the app
+        key = credential_key(creds.authorization, *cookies)
+        cached = self.backend.cached(key)
+        if cached is not None and all(cached.grants.allows(c) for c in channels):
+            self.stats.auth_calls["cache_hit"] += 1
+            return cached
+        # Not cached, or cached without one of these channels: ask about them.
+        return await self.backend.call(
+            (key, channels), lambda: self._ask(creds, channels), cache_key=key
+        )
+
+    async def _ask(self, creds: Credentials, channels: tuple[str, ...]) -> tuple[Identity, float]:
+        headers = forwarded_headers(creds)
+        if self.cfg.key:
+            headers["X-SSE-Broker-Key"] = self.cfg.key
+        try:
+            async with self.session().get(
+                self.cfg.url,
+                params=[("channel", c) for c in channels],
+                headers=headers,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                body = await resp.read() if status == 200 else b""
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.stats.auth_calls["error"] += 1
+            raise unavailable(f"auth callback failed: {exc or type(exc).__name__}") from None
+        if status in (401, 403):
+            self.stats.auth_calls["denied"] += 1
+            error = Unauthorized if status == 401 else Forbidden
+            raise error(f"the app denied access (auth callback answered {status})", code="denied")
+        if status != 200:
+            self.stats.auth_calls["error"] += 1
+            raise unavailable(f"auth callback answered {status}")
+        self.stats.auth_calls["allowed"] += 1
+        return self._identity(body)
+
+    def _identity(self, body: bytes) -> tuple[Identity, float]:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise unavailable("auth callback answered 200 without a JSON body") from None
+        if not isinstance(doc, dict):
+            raise unavailable("auth callback answered 200 without a JSON object")
+        user = _id(doc.get("user"), "user")
+        tenant = _id(doc.get("tenant"), "tenant")
+        channels = doc.get("channels", [])
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise unavailable("auth callback answered a bad 'channels': expected strings")
+        ttl = doc.get("ttl", self.cfg.cache_ttl_seconds)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl < 0:
+            ttl = 0
+        grants = Grants.compile(expand([*channels, *self.grants], user, tenant))
+        return Identity(user=user, tenant=tenant, grants=grants), float(ttl)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

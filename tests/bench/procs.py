@@ -1,0 +1,316 @@
+"""Processes the bench starts and always stops: redis-server, the servers under test, clients.
+
+Everything started here is registered in :data:`STARTED` so that
+:func:`kill_all` (from ``finally``, ``atexit`` and the hard-cap alarm) can
+stop it, whatever state the run is in. Every wait takes a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import loadclient
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+NAIVE = Path(__file__).resolve().with_name("naive.py")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+STARTED: list[subprocess.Popen[bytes] | multiprocessing.process.BaseProcess] = []
+
+
+class BenchError(Exception):
+    """A step of the bench failed or timed out; the message says which."""
+
+
+class Deadline:
+    """A point in time every wait is clipped to (the run's hard cap)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def left(self, want: float | None = None) -> float:
+        left = max(0.0, self.at - time.monotonic())
+        return left if want is None else min(want, left)
+
+    def check(self, what: str) -> None:
+        if self.left() <= 0:
+            raise BenchError(f"time cap reached during {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kill_all() -> None:
+    """Stop everything still running: SIGTERM, a short grace, then SIGKILL."""
+    for p in STARTED:
+        if isinstance(p, subprocess.Popen):
+            if p.poll() is None:
+                p.terminate()
+        elif p.is_alive():
+            p.terminate()
+    grace = time.monotonic() + 3.0
+    for p in STARTED:
+        left = max(0.0, grace - time.monotonic())
+        if isinstance(p, subprocess.Popen):
+            try:
+                p.wait(left)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(2)
+        else:
+            p.join(left)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+    STARTED.clear()
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2)
+    if proc in STARTED:
+        STARTED.remove(proc)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (``VmRSS`` of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# -- redis -------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A throwaway redis-server: no persistence, pub/sub output buffers unlimited."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(tmp),
+                "--logfile", str(tmp / "redis.log"),
+                "--maxclients", "18000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        STARTED.append(self.proc)
+        self.client = redis.Redis(port=self.port, socket_timeout=10)
+        until = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > until or self.proc.poll() is not None:
+                    raise BenchError("redis-server did not start") from None
+                time.sleep(0.05)
+        # A reader that falls behind is disconnected at 32 MB by default: the
+        # ingest scenario must measure the reader's rate, not that limit.
+        self.client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+
+    def version(self) -> str:
+        return str(self.client.info("server")["redis_version"])
+
+    def close(self) -> None:
+        self.client.close()
+        stop(self.proc)
+
+
+# -- servers under test ---------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One server under test, started fresh for each scenario."""
+
+    kind: str  # "broker" | "naive"
+    proc: subprocess.Popen[bytes]
+    port: int
+    ready_url: str
+    metrics_url: str
+    ingest_metric: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ingested(self) -> int:
+        status, body = http_get(self.metrics_url)
+        if status != 200:
+            raise BenchError(f"{self.kind} /metrics answered {status}")
+        for line in body.decode().splitlines():
+            if line.startswith(self.ingest_metric + " "):
+                return int(float(line.split()[1]))
+        raise BenchError(f"{self.kind} /metrics has no {self.ingest_metric}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def start_server(
+    kind: str,
+    redis_url: str,
+    tmp: Path,
+    tag: str,
+    deadline: Deadline,
+    naive_mode: str,
+    max_conn: int,
+) -> Server:
+    port = free_port()
+    log = tmp / f"{kind}-{tag}.log"
+    env = dict(os.environ)
+    if kind == "broker":
+        admin = free_port()
+        cmd: Sequence[str] = [
+            sys.executable, "-m", "broker", "serve",
+            "--set", f"server.listen=127.0.0.1:{port}",
+            "--set", f"admin.listen=127.0.0.1:{admin}",
+            "--set", f"redis.url={redis_url}",
+            "--set", f"limits.max_connections={max_conn}",
+        ]  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        base = f"http://127.0.0.1:{admin}"
+        metric = "sse_broker_events_ingested_total"
+    else:
+        cmd = [
+            sys.executable, str(NAIVE), "serve",
+            "--listen", f"127.0.0.1:{port}", "--redis", redis_url, "--mode", naive_mode,
+        ]  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        metric = "naive_events_ingested_total"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    STARTED.append(proc)
+    server = Server(kind, proc, port, f"{base}/readyz", f"{base}/metrics", metric, log)
+    until = time.monotonic() + deadline.left(20)
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{kind} exited with {proc.returncode} at start; see {log}")
+        try:
+            if http_get(server.ready_url, 1.0)[0] == 200:
+                return server
+        except OSError:
+            pass
+        if time.monotonic() > until:
+            server.stop()
+            raise BenchError(f"{kind} not ready in time; see {log}")
+        time.sleep(0.05)
+
+
+# -- client processes -------------------------------------------------------------------
+
+
+class ClientPool:
+    """``k`` load-client processes, each holding its share of the streams."""
+
+    def __init__(self, k: int, host: str, port: int, path: str = "/events") -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        for _ in range(k):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=loadclient.worker_main, args=(child, host, port, path), daemon=True
+            )
+            proc.start()
+            STARTED.append(proc)
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        for reply in self._recv_all(30):
+            if reply[0] != "hello":
+                raise BenchError(f"client process said {reply!r}")
+
+    def _recv_all(self, timeout: float) -> list[tuple[Any, ...]]:
+        until = time.monotonic() + timeout
+        replies = []
+        for pipe, proc in zip(self.pipes, self.procs, strict=True):
+            if not pipe.poll(max(0.0, until - time.monotonic())):
+                raise BenchError(f"client process {proc.pid} did not answer in {timeout:.0f}s")
+            try:
+                replies.append(pipe.recv())
+            except EOFError:
+                raise BenchError(f"client process {proc.pid} exited") from None
+        return replies
+
+    def _ask(self, cmds: list[tuple[Any, ...]], timeout: float) -> list[tuple[Any, ...]]:
+        for pipe, cmd in zip(self.pipes, cmds, strict=True):
+            pipe.send(cmd)
+        return self._recv_all(timeout)
+
+    def connect(
+        self, n: int, channel: str, *, concurrency: int, timeout: float, track: bool
+    ) -> list[dict[str, Any]]:
+        k = len(self.pipes)
+        shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        cmds = [("connect", s, channel, concurrency, timeout, track) for s in shares]
+        return [r[1] for r in self._ask(cmds, timeout + 15)]
+
+    def expect(self, count: int) -> None:
+        self._ask([("expect", count)] * len(self.pipes), 10)
+
+    def collect(self, timeout: float) -> list[dict[str, Any]]:
+        return [r[1] for r in self._ask([("collect", timeout)] * len(self.pipes), timeout + 30)]
+
+    def close(self) -> None:
+        with contextlib.suppress(BenchError, OSError):
+            self._ask([("close",)] * len(self.pipes), 10)
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+            if proc in STARTED:
+                STARTED.remove(proc)
