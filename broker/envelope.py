@@ -61,10 +61,25 @@ def valid_channel(name: str) -> bool:
     return CHANNEL_RE.fullmatch(name) is not None
 
 
+# Names repeat from message to message: remember the valid ones (bounded).
+_KNOWN_GOOD: set[str] = set()
+_KNOWN_GOOD_EVENTS: set[str] = set()
+_MAX_KNOWN = 20_000
+
+
+def _remember(name: str) -> None:
+    if len(_KNOWN_GOOD) >= _MAX_KNOWN:
+        _KNOWN_GOOD.clear()
+    _KNOWN_GOOD.add(name)
+
+
 def check_channel(name: str) -> str:
     """``name`` itself when it is a valid channel name; Rejected (``bad_channel``) otherwise."""
+    if name in _KNOWN_GOOD:
+        return name
     if not valid_channel(name):
         raise Rejected(f"invalid channel name {name[:220]!r}: {CHANNEL_RULE}", code="bad_channel")
+    _remember(name)
     return name
 
 
@@ -78,6 +93,8 @@ def _id_string(value: Any, field: str, code: str) -> str:
 
 
 def _event_name(value: Any) -> str:
+    if type(value) is str and value in _KNOWN_GOOD_EVENTS:
+        return value
     if not isinstance(value, str) or not value or len(value) > MAX_EVENT_NAME:
         raise Rejected(
             f"field 'event' must be a string of 1-{MAX_EVENT_NAME} characters", code="bad_event"
@@ -89,6 +106,9 @@ def _event_name(value: Any) -> str:
             f"event names starting {RESERVED_PREFIX!r} are reserved: {value!r}",
             code="reserved_event",
         )
+    if len(_KNOWN_GOOD_EVENTS) >= _MAX_KNOWN:
+        _KNOWN_GOOD_EVENTS.clear()
+    _KNOWN_GOOD_EVENTS.add(value)
     return value
 
 

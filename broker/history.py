@@ -69,22 +69,8 @@ class History:
         self.evicted = 0
         self.last_hole = 0  # newest seq that stands for events lost in an outage
 
-    # -- bookkeeping of per-channel counts (for "evict from the biggest") -------
-
-    def _move(self, channel: str, old: int, new: int) -> None:
-        if old:
-            bucket = self._by_count[old]
-            del bucket[channel]
-            if not bucket:
-                del self._by_count[old]
-        if new:
-            self._by_count.setdefault(new, {})[channel] = None
-        if new > self._max_count:
-            self._max_count = new
-        while self._max_count and self._max_count not in self._by_count:
-            self._max_count -= 1
-
-    # -- writing ------------------------------------------------------------------
+    # -- per-channel counts, bucketed so the biggest channel is found in O(1) ---
+    # Inlined on the hot path: append runs once per ingested event.
 
     def append(self, pub: Published) -> None:
         """Record ``pub`` (the newest event) and enforce the bounds."""
@@ -93,22 +79,44 @@ class History:
         if log is None:
             upto = self._empty.pop(channel, self._forgotten_upto)
             log = self._logs[channel] = _Log(upto)
-        log.entries.append(pub)
-        n = len(log.entries)
-        self._move(channel, n - 1, n)
+        entries = log.entries
+        entries.append(pub)
+        n = len(entries)
+        by_count = self._by_count
+        if n > 1:
+            bucket = by_count[n - 1]
+            del bucket[channel]
+            if not bucket:
+                del by_count[n - 1]
+        bucket = by_count.get(n)
+        if bucket is None:
+            by_count[n] = {channel: None}
+        else:
+            bucket[channel] = None
+        if n > self._max_count:
+            self._max_count = n
         self.events += 1
-        self.bytes += entry_size(pub)
+        self.bytes += pub.size + ENTRY_OVERHEAD
         while self.events > self.max_events or self.bytes > self.max_bytes:
-            self._evict_from(next(iter(self._by_count[self._max_count])))
+            self._evict_from(next(iter(by_count[self._max_count])))
 
     def _evict_from(self, channel: str) -> None:
         log = self._logs[channel]
-        pub = log.entries.popleft()
+        entries = log.entries
+        pub = entries.popleft()
         log.evicted_upto = pub.seq
-        n = len(log.entries)
-        self._move(channel, n + 1, n)
+        n = len(entries)
+        by_count = self._by_count
+        bucket = by_count[n + 1]
+        del bucket[channel]
+        if not bucket:
+            del by_count[n + 1]
+            if self._max_count == n + 1:
+                self._max_count = n  # the channel itself now sits one lower
+        if n:
+            by_count.setdefault(n, {})[channel] = None
         self.events -= 1
-        self.bytes -= entry_size(pub)
+        self.bytes -= pub.size + ENTRY_OVERHEAD
         self.evicted += 1
         if not n:
             del self._logs[channel]

@@ -28,18 +28,31 @@ log = logging.getLogger(__name__)
 
 
 class Published:
-    """An event after the broker accepted it: its id and its wire bytes."""
+    """An event after the broker accepted it: its id and its wire bytes.
 
-    __slots__ = ("chunk", "event", "frame", "id", "ingested_at", "seq", "size")
+    ``frame`` is the SSE frame; ``chunk`` the same frame as one HTTP/1.1
+    chunk, built on first use (an event nobody subscribes to never needs it).
+    ``size`` counts both, as history memory.
+    """
+
+    __slots__ = ("_chunk", "event", "frame", "id", "ingested_at", "seq", "size")
 
     def __init__(self, event: Event, seq: int, id: str, ingested_at: float) -> None:
         self.event = event
         self.seq = seq
         self.id = id
         self.ingested_at = ingested_at
-        self.frame = sse.encode_event(event.data, event=event.event, id=id)
-        self.chunk = chunk(self.frame)
-        self.size = len(self.frame) + len(self.chunk)
+        # Event names were validated on the way in and ids are ours (or Redis's).
+        self.frame = frame = sse.encode_trusted(event.data, event.event, id)
+        self._chunk: bytes | None = None
+        n = len(frame)
+        self.size = 2 * n + len(b"%x\r\n\r\n" % n)
+
+    @property
+    def chunk(self) -> bytes:
+        if self._chunk is None:
+            self._chunk = chunk(self.frame)
+        return self._chunk
 
 
 def new_epoch() -> str:
@@ -113,13 +126,15 @@ class Hub:
         if subs:
             filtered = event.tenant is not None or event.users is not None
             delivered = 0
+            frame = pub.frame
+            as_chunk = pub.chunk
             for conn in subs:
                 if filtered and not conn.may_see(event):
                     continue
                 pending = conn.pending
                 if not pending and not conn.paused:
                     self._dirty.append(conn)
-                pending.append(pub.chunk if conn.chunked else pub.frame)
+                pending.append(as_chunk if conn.chunked else frame)
                 conn.last_id = id
                 delivered += 1
             if delivered:

@@ -81,3 +81,11 @@ def test_control_frames() -> None:
     assert reconnect_frame("limit", 100, None) == (
         b'retry: 100\nevent: broker.reconnect\ndata: {"reason":"limit","retry_ms":100}\n\n'
     )
+
+
+@pytest.mark.parametrize(
+    ("data", "event", "id"),
+    [("x", "message", "1-1"), ("a\nb\r\nc", "upd", "5-9"), ("", "e", "0-0"), (" sp", "m", "1")],
+)
+def test_trusted_encoder_matches_the_checked_one(data: str, event: str, id: str) -> None:
+    assert sse.encode_trusted(data, event, id) == sse.encode_event(data, event=event, id=id)

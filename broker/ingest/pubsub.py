@@ -22,6 +22,9 @@ from broker.redis_conn import RedisTarget
 
 log = logging.getLogger(__name__)
 
+MESSAGES_PER_SLICE = 500
+MAX_CACHED_NAMES = 10_000
+
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
@@ -48,6 +51,8 @@ class _Subscriber(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader()
         self._prefix_len = prefix_len
+        self._names: dict[bytes, str] = {}
+        self._paused = False
         self._on_message = on_message
         self.transport: asyncio.Transport | None = None
         self.subscribed: asyncio.Future[None] = loop.create_future()
@@ -58,15 +63,50 @@ class _Subscriber(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        if not self._paused:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Hand buffered messages to the hub, at most a slice per loop iteration.
+
+        One socket read can hold thousands of messages (and uvloop delivers
+        many reads back to back): handled in one go they would freeze the
+        loop for seconds under a flood, starving heartbeats, accepts and
+        /readyz. Past the slice, reading pauses and the rest follows in the
+        next iteration.
+        """
         reader = self._reader
-        reader.feed(data)
         on_message = self._on_message
-        cut = self._prefix_len
-        while (reply := reader.gets()) is not False:
+        names = self._names
+        budget = MESSAGES_PER_SLICE
+        while budget:
+            reply = reader.gets()
+            if reply is False:
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return
+            budget -= 1
             if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
-                on_message(reply[2][cut:].decode("utf-8", "replace"), reply[3])
+                raw = reply[2]
+                channel = names.get(raw)
+                if channel is None:
+                    channel = self._name(raw)
+                on_message(channel, reply[3])
             else:
                 self._control(reply)
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._drain)
+
+    def _name(self, raw: bytes) -> str:
+        # Channel names repeat: decode each once (bounded, in case they do not).
+        if len(self._names) >= MAX_CACHED_NAMES:
+            self._names.clear()
+        name = self._names[raw] = raw[self._prefix_len :].decode("utf-8", "replace")
+        return name
 
     def _control(self, reply: object) -> None:
         if isinstance(reply, hiredis.ReplyError):
