@@ -24,7 +24,7 @@ from broker.auth.factory import build_authenticator
 from broker.auth.grants import Grants
 from broker.config import Config
 from broker.connection import Connection
-from broker.envelope import Event, decode_native, decode_stream
+from broker.envelope import decode_native, decode_stream
 from broker.errors import Rejected, Retryable
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
@@ -49,9 +49,6 @@ class Broker:
         self.stream_mode = cfg.ingest.mode == "stream"
         self.stats = Stats()
         self.metrics = Metrics(self.stats, self._gauges)
-        self.hub = Hub(
-            stats=self.stats, metrics=self.metrics, write_buffer_bytes=cfg.limits.write_buffer_bytes
-        )
         self.history = History(
             ttl_seconds=cfg.replay.ttl_seconds,
             max_events=cfg.replay.max_events,
@@ -61,6 +58,13 @@ class Broker:
             max_keys=cfg.replay.max_retained_keys,
             max_bytes=cfg.replay.max_retained_bytes,
             tombstones=self.stream_mode,
+        )
+        self.hub = Hub(
+            stats=self.stats,
+            metrics=self.metrics,
+            write_buffer_bytes=cfg.limits.write_buffer_bytes,
+            keep=self.history.append,
+            retain=self._retain,
         )
         self.heartbeats = Wheel(cfg.sse.heartbeat_seconds, self.hub.heartbeat)
         self.deadlines = Deadlines(self._deadline)
@@ -74,7 +78,7 @@ class Broker:
         self.target = redis_target(cfg.redis)
         self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
-            self.publish,
+            self.hub.publish,
             stats=self.stats,
             decode=decode_native,
             max_event_bytes=cfg.limits.max_event_bytes,
@@ -110,18 +114,12 @@ class Broker:
 
     # -- events in ----------------------------------------------------------------
 
-    def publish(self, event: Event, position: tuple[int, str] | None = None) -> Published:
-        """Fan ``event`` out, then keep it for resumes and, if retained, as state."""
-        pub = self.hub.publish(event, position)
-        self.history.append(pub)
-        if event.retain is not None:
-            if self.stream_mode:
-                self.redis_retained.add(pub)
-            if not self.retained.apply(pub):
-                self._retained_refused(event)
-        return pub
-
-    def _retained_refused(self, event: Event) -> None:
+    def _retain(self, pub: Published) -> None:
+        if self.stream_mode:
+            self.redis_retained.add(pub)
+        if self.retained.apply(pub):
+            return
+        event = pub.event
         self.stats.retained_refused += 1
         now = time.monotonic()
         if now >= self._next_refusal_log:
@@ -143,7 +141,7 @@ class Broker:
             return
         seq = stream_seq(id)
         assert seq is not None  # Redis only hands out well-formed ids
-        self.publish(event, (seq, id))
+        self.hub.publish(event, (seq, id))
 
     def _on_stream_start(self, last_id: str) -> None:
         seq = stream_seq(last_id)

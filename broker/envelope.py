@@ -145,14 +145,16 @@ def from_fields(channel: str, fields: dict[str, Any]) -> Event:
             "and tenant)",
             code="retain_with_users",
         )
+    data = fields["data"]
+    # Positional: a NamedTuple built from keywords costs noticeably more, per event.
     return Event(
-        channel=channel,
-        data=data_text(fields["data"]),
-        event=event,
-        tenant=tenant,
-        users=users,
-        retain=retain,
-        deletes=retain is not None and fields["data"] is None,
+        channel,
+        data if type(data) is str else orjson.dumps(data).decode(),
+        event,
+        tenant,
+        users,
+        retain,
+        retain is not None and data is None,
     )
 
 

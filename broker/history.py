@@ -84,9 +84,9 @@ class History:
         n = len(entries)
         by_count = self._by_count
         if n > 1:
-            bucket = by_count[n - 1]
-            del bucket[channel]
-            if not bucket:
+            below = by_count[n - 1]
+            del below[channel]
+            if not below:
                 del by_count[n - 1]
         bucket = by_count.get(n)
         if bucket is None:

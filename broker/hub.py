@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from broker import sse
 from broker.connection import Connection, chunk
@@ -63,8 +64,20 @@ def new_epoch() -> str:
 class Hub:
     """Routes published events to the connections that may see them."""
 
-    def __init__(self, *, stats: Stats, metrics: Metrics, write_buffer_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        stats: Stats,
+        metrics: Metrics,
+        write_buffer_bytes: int,
+        keep: Callable[[Published], None],
+        retain: Callable[[Published], None],
+    ) -> None:
         self.stats = stats
+        # Every event goes to ``keep`` (the replay history), retained ones to
+        # ``retain`` as well: called here, on the hot path, without a layer between.
+        self.keep = keep
+        self.retain = retain
         self.metrics = metrics
         self.write_buffer_bytes = write_buffer_bytes
         self.epoch = new_epoch()
@@ -105,16 +118,12 @@ class Hub:
 
     # -- the hot path -----------------------------------------------------------
 
-    def next_id(self) -> tuple[int, str]:
-        """The next pub/sub-mode position: one sequence per process across all channels."""
-        self.seq += 1
-        return self.seq, f"{self.epoch}-{self.seq}"
-
     def publish(self, event: Event, position: tuple[int, str] | None = None) -> Published:
-        """Give ``event`` its id (the next one, or ``position`` from a stream) and queue
-        it to every connection that may see it. Returns it for history and state."""
-        if position is None:
-            seq, id = self.next_id()
+        """Give ``event`` its id (the next one, or ``position`` from a stream), record
+        it (history, retained state) and queue it to every connection that may see it."""
+        if position is None:  # pub/sub: one sequence per process across all channels
+            self.seq = seq = self.seq + 1
+            id = f"{self.epoch}-{seq}"
         else:
             seq, id = position
             self.seq = seq
@@ -122,6 +131,9 @@ class Hub:
         pub = Published(event, seq, id, now)
         self.head = id
         self.stats.events_ingested += 1
+        self.keep(pub)
+        if event.retain is not None:
+            self.retain(pub)
         subs = self._by_channel.get(event.channel)
         if subs:
             filtered = event.tenant is not None or event.users is not None
@@ -146,7 +158,8 @@ class Hub:
 
     def skip(self) -> str:
         """Burn one position to stand for events lost in an outage; returns the new head."""
-        _, self.head = self.next_id()
+        self.seq += 1
+        self.head = f"{self.epoch}-{self.seq}"
         return self.head
 
     def send(self, conn: Connection, frame: bytes) -> None:

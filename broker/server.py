@@ -67,9 +67,7 @@ class Server:
             await runner.setup()
             self._runners.append(runner)
             # aiohttp calls listen() again with its own backlog (128 by default).
-            site = web.SockSite(
-                runner, bind(address), shutdown_timeout=1.0, backlog=LISTEN_BACKLOG
-            )
+            site = web.SockSite(runner, bind(address), shutdown_timeout=1.0, backlog=LISTEN_BACKLOG)
             await site.start()
         log.info(
             "listening on %s (admin %s), mode %s, auth %s",
