@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import fields, replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -28,7 +31,7 @@ from broker.envelope import decode_native, decode_stream
 from broker.errors import Rejected, Retryable
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
-from broker.ingest import Dispatcher
+from broker.ingest import CANARY_PREFIX, Dispatcher
 from broker.ingest.pubsub import PubSubIngest
 from broker.ingest.stream import StreamIngest, stream_seq
 from broker.metrics import Metrics, Stats
@@ -41,6 +44,15 @@ from broker.scheduler import Deadlines, Periodic, Wheel
 log = logging.getLogger(__name__)
 
 CATCH_UP_SECONDS = 2.0
+
+# What a reload cannot change under a running process (None: the whole section).
+_RESTART_KEYS: dict[str, frozenset[str] | None] = {
+    "server": frozenset({"listen", "path", "workers"}),
+    "admin": None,
+    "redis": None,
+    "ingest": None,
+    "sse": frozenset({"heartbeat_seconds"}),
+}
 
 
 class Broker:
@@ -63,6 +75,7 @@ class Broker:
             stats=self.stats,
             metrics=self.metrics,
             write_buffer_bytes=cfg.limits.write_buffer_bytes,
+            write_timeout=cfg.sse.write_timeout_seconds,
             keep=self.history.append,
             retain=self._retain,
         )
@@ -82,6 +95,7 @@ class Broker:
             stats=self.stats,
             decode=decode_native,
             max_event_bytes=cfg.limits.max_event_bytes,
+            on_canary=self._on_canary_message,
         )
         self.redis_retained = RedisRetained(cfg.ingest.stream_key)
         self.stream_start = 0  # stream mode: this instance's history begins after it
@@ -105,6 +119,12 @@ class Broker:
         self._ingest_task: asyncio.Task[None] | None = None
         self._ever_subscribed = False
         self._next_refusal_log = 0.0
+        self.stalled = False
+        self._canary_pending: str | None = None
+        self._canary_count = 0
+        self._checked_seq = -1
+        self._canary_tasks: set[asyncio.Task[None]] = set()
+        self.watchdog = Periodic(float(cfg.ingest.canary_interval_seconds or 1), self._watch)
 
     def redis(self) -> aioredis.Redis:
         """The shared command client (publishing, XRANGE, retained state)."""
@@ -209,9 +229,13 @@ class Broker:
         if conn.tenant:
             self.per_tenant[conn.tenant] += 1
         self.per_ip[conn.remote] += 1
+        loop = asyncio.get_running_loop()
         if expires_at is not None:
-            loop = asyncio.get_running_loop()
             self.deadlines.add(conn, loop.time() + (expires_at - time.time()), "token_expired")
+        age = self.cfg.sse.max_connection_age_seconds
+        if age:
+            # +-10% so streams opened together (after a deploy) do not all recycle together
+            self.deadlines.add(conn, loop.time() + age * random.uniform(0.9, 1.1), "recycle")
         return self.hub.seq, self.hub.head
 
     def unregister(self, conn: Connection) -> None:
@@ -246,7 +270,85 @@ class Broker:
             return "draining"
         if not self.ingest.subscribed:
             return "redis_unavailable" if self._ever_subscribed else "starting"
+        if self.stalled:
+            return "ingest_stalled"
         return None
+
+    # -- ingest health -------------------------------------------------------------
+
+    @property
+    def canary_channel(self) -> str:
+        # "!" is outside the channel charset: no client can ever subscribe to
+        # it, and it is this process's own (another broker ignores it).
+        return f"{CANARY_PREFIX}{self.hub.epoch}"
+
+    def _watch(self) -> None:
+        """Shared timer: is the ingest still moving? (A subscription can wedge
+        silently while Redis answers PINGs.)"""
+        if not self.cfg.ingest.canary_interval_seconds or not self.ingest.subscribed:
+            self._canary_pending = None
+            return
+        if self.stream_mode:
+            self._spawn(self._check_stream())
+            return
+        if self._canary_pending is not None:  # the last canary never came back
+            self._stall("the canary published one interval ago never came back")
+            return
+        self._canary_count += 1
+        self._canary_pending = token = str(self._canary_count)
+        self._spawn(self._send_canary(token))
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._canary_tasks.add(task)
+        task.add_done_callback(self._canary_tasks.discard)
+
+    async def _send_canary(self, token: str) -> None:
+        try:
+            receivers = await self.redis().publish(
+                self.cfg.ingest.prefix + self.canary_channel, token
+            )
+        except (RedisError, OSError):
+            self._canary_pending = None  # Redis itself is away: the ingest will notice
+            return
+        if receivers == 0 and self._canary_pending == token:
+            self._stall("Redis knows no subscription of this broker")
+
+    def _on_canary_message(self, channel: str, payload: bytes) -> None:
+        if channel != self.canary_channel:
+            return  # another broker's canary
+        if payload.decode(errors="replace") == self._canary_pending:
+            self._canary_pending = None
+            if self.stalled:
+                log.info("ingest moving again: canary received")
+                self.stalled = False
+
+    async def _check_stream(self) -> None:
+        try:
+            info = await self.redis().xinfo_stream(self.cfg.ingest.stream_key)
+        except (RedisError, OSError):
+            return  # no stream yet, or Redis away (the reader notices that)
+        last = stream_seq(bytes(info["last-generated-id"]).decode()) or 0
+        position = self.hub.seq
+        if last > position and position == self._checked_seq:
+            self._stall(f"stream reader stuck at {self.hub.head} while the stream moved on")
+        elif self.stalled and position != self._checked_seq:
+            log.info("stream reader moving again")
+            self.stalled = False
+        self._checked_seq = position
+
+    def _stall(self, why: str) -> None:
+        log.warning("ingest stalled: %s; resubscribing", why)
+        self.stalled = True
+        self._canary_pending = None
+        self.restart_ingest()
+
+    def restart_ingest(self) -> None:
+        """Drop the subscription/reader and build a fresh one (the ingest's own
+        reconnect path: outage handling included)."""
+        if self._ingest_task is not None:
+            self._ingest_task.cancel()
+        self._ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
 
     def _on_ingest_state(self, up: bool) -> None:
         if not up:
@@ -278,10 +380,62 @@ class Broker:
             "connections": len(self.hub.connections),
             "subscriptions": self.hub.subscriptions(),
             "redis_connected": 1.0 if self.ingest.subscribed else 0.0,
+            "ingest_stalled": 1.0 if self.stalled else 0.0,
             "history_events": self.history.events,
             "history_bytes": self.history.bytes,
             "retained_keys": self.retained.keys,
         }
+
+    # -- reload (SIGHUP) ---------------------------------------------------------------
+
+    def apply(self, new: Config) -> list[str]:
+        """Take ``new`` for everything that can change under open streams: auth
+        keys and mode, grants, public channels, CORS, trusted proxies, limits,
+        publish keys, history bounds, retry and ages of new streams, log level.
+        Returns the changed keys that need a restart (listeners, Redis, ingest,
+        heartbeat period); those keep their old values. Raises (keeping the
+        old configuration whole) when the new one cannot be applied."""
+        old = self.cfg
+        restart = [
+            f"{section}.{f.name}"
+            for section, names in _RESTART_KEYS.items()
+            for f in fields(getattr(old, section))
+            if (names is None or f.name in names)
+            and getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name)
+        ]
+        merged = replace(
+            new,
+            server=replace(
+                new.server,
+                listen=old.server.listen,
+                path=old.server.path,
+                workers=old.server.workers,
+            ),
+            admin=old.admin,
+            redis=old.redis,
+            ingest=old.ingest,
+            sse=replace(new.sse, heartbeat_seconds=old.sse.heartbeat_seconds),
+        )
+        # Build everything that can fail first, then swap: all or nothing.
+        auth = build_authenticator(merged, self.stats, self.metrics)
+        publish_keys = load_publish_keys(merged)
+        old_auth = self.auth
+        self.cfg = merged
+        self.auth = auth
+        self.publish_keys = publish_keys
+        self.public = Grants.compile(merged.auth.effective_public_channels)
+        self.cors = Cors(merged.server.cors_origins)
+        self.trusted = trusted_networks(merged.server.trusted_proxies)
+        self.hub.write_buffer_bytes = merged.limits.write_buffer_bytes
+        self.hub.write_timeout = merged.sse.write_timeout_seconds
+        self.history.ttl = merged.replay.ttl_seconds
+        self.history.max_events = merged.replay.max_events
+        self.history.max_bytes = merged.replay.max_bytes
+        self.retained.max_keys = merged.replay.max_retained_keys
+        self.retained.max_bytes = merged.replay.max_retained_bytes
+        self.dispatcher.max_event_bytes = merged.limits.max_event_bytes
+        self._spawn(old_auth.close())
+        return restart
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -289,8 +443,12 @@ class Broker:
         self._ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
         self.heartbeats.start()
         self.expiry.start()
+        self.watchdog.start()
 
     async def stop(self) -> None:
+        self.watchdog.stop()
+        for task in list(self._canary_tasks):
+            task.cancel()
         self.heartbeats.stop()
         self.deadlines.stop()
         await self.auth.close()

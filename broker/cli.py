@@ -82,8 +82,15 @@ def serve(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
     for warning in config_warnings(cfg):
         logging.getLogger("broker").warning("config: %s", warning)
+    path = config_path or os.environ.get("SSE_BROKER_CONFIG") or None
+
+    def reload() -> Config:
+        fresh = load_config(path, overrides=overrides)
+        check_files(fresh)
+        return fresh
+
     try:
-        run(cfg)
+        run(cfg, reload)
     except ConfigError as exc:
         _fail(exc.message)
     except OSError as exc:

@@ -148,6 +148,7 @@ class IngestConfig:
     format: str = "native"
     prefix: str = "sse:"
     stream_key: str = "sse:stream"
+    canary_interval_seconds: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +165,7 @@ class SseConfig:
     heartbeat_seconds: int = 15
     retry_ms: int = 3000
     max_connection_age_seconds: int = 1800
+    write_timeout_seconds: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,6 +589,7 @@ _CHECKS: dict[str, Check] = {
     "ingest.mode": _one_of("pubsub", "stream"),
     "ingest.format": _one_of("native", "laravel"),
     "ingest.stream_key": _non_empty,
+    "ingest.canary_interval_seconds": _between(0, 3600),
     "replay.ttl_seconds": _at_least(1),
     "replay.max_events": _at_least(0),
     "replay.max_bytes": _at_least(0),
@@ -595,6 +598,7 @@ _CHECKS: dict[str, Check] = {
     "sse.heartbeat_seconds": _between(1, 3600),
     "sse.retry_ms": _between(0, 3_600_000),
     "sse.max_connection_age_seconds": _zero_or_at_least(10),
+    "sse.write_timeout_seconds": _between(1, 3600),
     "auth.mode": _one_of("none", "jwt", "callback", "laravel"),
     "auth.public_channels": _each(_pattern),
     "auth.grants": _each(_pattern),

@@ -10,9 +10,36 @@ without bound.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 
 from broker.envelope import Event
+
+log = logging.getLogger(__name__)
+
+
+def tune_socket(transport: asyncio.BaseTransport, timeout_s: int) -> None:
+    """Make a dead peer (a laptop lid closed, a route gone) fail the socket.
+
+    TCP keepalive probes an idle connection; TCP_USER_TIMEOUT errors one whose
+    sent data stays unacknowledged for ``timeout_s``. Either way the kernel
+    reports the loss, the stream's handler ends and its memory and file
+    descriptor come back.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, timeout_s // 3))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_s * 1000)
+    except OSError as exc:  # e.g. the peer is already gone
+        log.debug("socket options not set: %s", exc)
 
 
 def chunk(frame: bytes) -> bytes:
@@ -41,6 +68,7 @@ class Connection:
         "pending",
         "remote",
         "slot",
+        "stuck_since",
         "tenant",
         "transport",
         "user",
@@ -68,6 +96,7 @@ class Connection:
         self.wrote = False  # anything written since the last heartbeat visit
         self.last_id: str | None = None
         self.slot = 0
+        self.stuck_since: float | None = None  # unsent bytes seen since (write deadline)
         self.events_sent = 0
         self.bytes_sent = 0
         self.opened_at = time.monotonic()

@@ -20,7 +20,7 @@ from broker import control, sse
 from broker.access import client_ip, credentials
 from broker.app import Broker
 from broker.auth import Identity, authorize
-from broker.connection import Connection
+from broker.connection import Connection, tune_socket
 from broker.envelope import check_channel
 from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable, Unauthorized
 from broker.resume import backlog
@@ -105,6 +105,7 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away before the stream started")
+    tune_socket(transport, cfg.sse.write_timeout_seconds)
     conn = Connection(
         transport,
         chunked=request.version >= HttpVersion11,

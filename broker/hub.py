@@ -70,6 +70,7 @@ class Hub:
         stats: Stats,
         metrics: Metrics,
         write_buffer_bytes: int,
+        write_timeout: float,
         keep: Callable[[Published], None],
         retain: Callable[[Published], None],
     ) -> None:
@@ -80,6 +81,7 @@ class Hub:
         self.retain = retain
         self.metrics = metrics
         self.write_buffer_bytes = write_buffer_bytes
+        self.write_timeout = write_timeout
         self.epoch = new_epoch()
         self.seq = 0
         self.head = f"{self.epoch}-0"  # id of the newest event
@@ -201,6 +203,7 @@ class Hub:
             sent += len(data)
             if conn.write_now(data) > limit:
                 log.debug("slow consumer %s: write buffer over %d bytes", conn.remote, limit)
+                self.stats.slow_consumers += 1
                 conn.finish("slow_consumer", abort=True)
         self.stats.bytes_sent += sent
 
@@ -215,8 +218,21 @@ class Hub:
         holds a recent position to resume from.
         """
         head = self.head
+        now = time.monotonic()
         for conn in conns:
-            if conn.wrote or conn.paused or conn.closed:
+            if conn.closed:
+                continue
+            # The write deadline rides on the same visit: unsent bytes that
+            # have not drained for write_timeout mean a dead peer.
+            if conn.transport.get_write_buffer_size():
+                if conn.stuck_since is None:
+                    conn.stuck_since = now
+                elif now - conn.stuck_since > self.write_timeout:
+                    conn.finish("write_timeout", abort=True)
+                    continue
+            else:
+                conn.stuck_since = None
+            if conn.wrote or conn.paused:
                 conn.wrote = False
                 continue
             if conn.last_id != head:

@@ -36,6 +36,7 @@ class Stats:
         "requests_refused",
         "resets",
         "retained_refused",
+        "slow_consumers",
     )
 
     def __init__(self) -> None:
@@ -53,6 +54,7 @@ class Stats:
         self.retained_refused = 0
         self.auth_failures: Counter[str] = Counter()
         self.auth_calls: Counter[str] = Counter()
+        self.slow_consumers = 0
 
 
 class _StatsCollector(Collector):
@@ -78,6 +80,11 @@ class _StatsCollector(Collector):
             "requests_refused", "Stream requests refused, by reason.", "reason", s.requests_refused
         )
         yield _counter("redis_reconnects", "Ingest reconnections to Redis.", s.redis_reconnects)
+        yield _counter(
+            "slow_consumer_closes",
+            "Streams closed because their unsent bytes passed limits.write_buffer_bytes.",
+            s.slow_consumers,
+        )
         yield _counter("replays_served", "Resumes served exactly from history.", s.replays_served)
         yield _counter("events_replayed", "Events sent by exact resumes.", s.events_replayed)
         yield _labelled("resets", "broker.reset events sent, by reason.", "reason", s.resets)

@@ -1,9 +1,11 @@
 """Process lifecycle: start-up, signals, graceful drain, shutdown.
 
-startup: bind listeners -> start ingest and timers (``/readyz`` is 503 until
-the first subscription) -> serve. SIGTERM/SIGINT: readiness 503 at once,
-every open stream gets ``broker.reconnect`` (``drain``), then the runners are
-cleaned up and the process exits 0. A second signal exits at once.
+startup: signal handlers -> start ingest and timers (``/readyz`` is 503
+until the first subscription) -> bind listeners -> serve. SIGTERM/SIGINT:
+readiness 503 and refusals at once, open streams get ``broker.reconnect``
+(``drain``) spread over ``shutdown.drain_seconds``, then the runners are
+cleaned up and the process exits 0; a second signal exits at once. SIGHUP
+re-reads the configuration and applies what can change without a restart.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
+import random
 import signal
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -21,11 +26,14 @@ from broker import control
 from broker.admin import admin_app
 from broker.app import Broker
 from broker.config import Config, Listen
+from broker.errors import BrokerError
 from broker.http import public_app
+from broker.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
+DRAIN_TICK = 0.05  # seconds between two slices of drained streams
 
 
 def bind(address: Listen) -> socket.socket:
@@ -47,8 +55,15 @@ def bind(address: Listen) -> socket.socket:
 
 
 class Server:
-    def __init__(self, cfg: Config) -> None:
+    """One broker process: ``startup`` -> ``main_loop`` -> ``shutdown``.
+
+    ``load`` re-reads the configuration on SIGHUP (file again; the
+    environment and ``--set`` flags of the start still apply).
+    """
+
+    def __init__(self, cfg: Config, load: Callable[[], Config] | None = None) -> None:
         self.cfg = cfg
+        self.load = load
         self.broker = Broker(cfg)
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
@@ -56,6 +71,10 @@ class Server:
 
     async def startup(self) -> None:
         cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         await self.broker.start()
         apps = [(public_app(self.broker), cfg.server.listen_address)]
         if cfg.admin.listen_address is not None:
@@ -81,36 +100,69 @@ class Server:
         gc.collect()
         gc.freeze()
 
-    def _on_signal(self, signum: int) -> None:
+    def _on_stop_signal(self, signum: int) -> None:
         self._signals += 1
+        name = signal.Signals(signum).name
         if self._signals > 1:
-            log.warning("second signal %s: exiting now", signal.Signals(signum).name)
+            log.warning("second signal %s: exiting now", name)
+            logging.shutdown()
             os._exit(1)
-        log.info("signal %s: draining", signal.Signals(signum).name)
+        log.info("signal %s: draining (a second signal exits at once)", name)
         self._stop.set()
 
-    async def main_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+    def _on_reload_signal(self) -> None:
+        if self.load is None:
+            log.warning("SIGHUP: no configuration source to reload from")
+            return
         try:
-            await self._stop.wait()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            new = self.load()
+            restart = self.broker.apply(new)
+        except BrokerError as exc:
+            log.error("SIGHUP: new configuration rejected, keeping the old one: %s", exc.message)
+            return
+        self.cfg = self.broker.cfg
+        setup_logging(new.log.level, new.log.format)
+        log.info("SIGHUP: configuration reloaded (new streams use it; open streams stay)")
+        if restart:
+            log.warning("SIGHUP: changes to %s need a restart to apply", ", ".join(restart))
 
-    async def shutdown(self) -> None:
+    async def main_loop(self) -> None:
+        await self._stop.wait()
+
+    async def drain(self) -> None:
+        """Readiness 503 and refusals at once; then every open stream gets
+        ``broker.reconnect`` (``drain``), the closes spread evenly over
+        ``shutdown.drain_seconds`` so the clients' reconnects do not land on
+        the next instance all in the same instant."""
         broker = self.broker
         broker.draining = True
         hub = broker.hub
+        conns = list(hub.connections)
+        random.shuffle(conns)
+        window = self.cfg.shutdown.drain_seconds
+        if conns:
+            log.info("draining %d streams over %ss", len(conns), window)
+        slices = max(1, int(window / DRAIN_TICK))
+        per_slice = max(1, math.ceil(len(conns) / slices))
         retry = self.cfg.sse.retry_ms
-        if hub.connections:
-            log.info("closing %d streams with broker.reconnect (drain)", len(hub.connections))
-        hub.close_all("drain", control.reconnect_frame("drain", control.jitter(retry), hub.head))
-        await asyncio.sleep(0)  # let stream handlers finish their responses
+        for start in range(0, len(conns), per_slice):
+            if start:
+                await asyncio.sleep(DRAIN_TICK)
+            for conn in conns[start : start + per_slice]:
+                if not conn.closed:
+                    frame = control.reconnect_frame("drain", control.jitter(retry), hub.head)
+                    hub.end(conn, "drain", frame)
+        # Let the stream handlers end their responses before the runners go.
+        for _ in range(20):
+            if not hub.connections:
+                break
+            await asyncio.sleep(DRAIN_TICK)
+
+    async def shutdown(self) -> None:
+        await self.drain()
         for runner in reversed(self._runners):
             await runner.cleanup()
-        await broker.stop()
+        await self.broker.stop()
 
     async def run(self) -> None:
         try:
@@ -118,10 +170,13 @@ class Server:
             await self.main_loop()
         finally:
             await self.shutdown()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
         log.info("stopped")
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, load: Callable[[], Config] | None = None) -> None:
     """Run the broker until a signal stops it (uvloop when installed)."""
     try:
         import uvloop
@@ -130,4 +185,4 @@ def run(cfg: Config) -> None:
     else:
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Server(cfg).run())
+        runner.run(Server(cfg, load).run())

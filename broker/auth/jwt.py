@@ -32,6 +32,7 @@ HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGS = frozenset({"ES256", "ES384", "ES512"})
 ED_ALGS = frozenset({"EdDSA"})
+MAX_EXP = 1 << 40  # year 36812: later "expiries" are garbage, not tokens
 
 _PEM_BLOCK = re.compile(
     r"(?:^kid:\s*(?P<kid>\S+)\s*\n)?(?P<pem>-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----)",
@@ -132,11 +133,16 @@ class JwtAuth:
             raise Unauthorized(
                 f"token claim {c.channels_claim!r} must be a list of strings", code="bad_claims"
             )
+        exp = claims["exp"]
+        # PyJWT accepts any number; a float cannot hold every int, and a stream
+        # needs a real deadline.
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 < exp < MAX_EXP:
+            raise Unauthorized("token claim 'exp' is out of range", code="bad_claims")
         return Identity(
             user=user,
             tenant=tenant,
             grants=Grants.compile(expand([*granted, *self.grants], user, tenant)),
-            expires_at=float(claims["exp"]),
+            expires_at=float(exp),
         )
 
     def verify(self, token: str) -> dict[str, Any]:

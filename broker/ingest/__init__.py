@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 Decoder = Callable[[str, bytes, int], Event]
 
+# Reserved channel names for readiness canaries: "!" is outside the channel
+# charset, so no client can subscribe to one and no event can be published on one.
+CANARY_PREFIX = "!canary!"
+
 
 class Dispatcher:
     """Decode, validate and publish one inbound message; never raises."""
@@ -30,20 +34,28 @@ class Dispatcher:
         stats: Stats,
         decode: Decoder,
         max_event_bytes: int,
+        on_canary: Callable[[str, bytes], None] | None = None,
         log_interval: float = 10.0,
     ) -> None:
         self._publish = publish
+        self._on_canary = on_canary
         self._decode = decode
         self._stats = stats
-        self._max = max_event_bytes
+        self.max_event_bytes = max_event_bytes
         self._log_interval = log_interval
         self._next_log = 0.0
         self._suppressed = 0
 
     def on_message(self, channel: str, payload: bytes) -> None:
         try:
-            event = self._decode(channel, payload, self._max)
+            event = self._decode(channel, payload, self.max_event_bytes)
         except Rejected as exc:
+            # Canaries use a name no client can subscribe to; looked at only
+            # here, off the hot path.
+            if channel.startswith(CANARY_PREFIX):
+                if self._on_canary is not None:
+                    self._on_canary(channel, payload)
+                return
             self.reject(channel, exc)
             return
         self._publish(event)
