@@ -154,7 +154,11 @@ class Hub:
             if delivered:
                 self.stats.events_delivered += delivered
                 if self._batch_started is None:
-                    self._batch_started = now
+                    # Publish time: a stream id carries it (ms); pub/sub
+                    # messages do not, so their clock starts at ingest.
+                    self._batch_started = (
+                        time.time() if position is None else (seq >> 64) / 1000
+                    )
                 self._schedule_flush()
         return pub
 
@@ -189,7 +193,8 @@ class Hub:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
         if self._batch_started is not None:
-            self.metrics.publish_latency.observe(time.monotonic() - self._batch_started)
+            latency = time.time() - self._batch_started
+            self.metrics.publish_latency.observe(max(0.0, latency))
             self._batch_started = None
         limit = self.write_buffer_bytes
         sent = 0

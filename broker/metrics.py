@@ -142,7 +142,8 @@ class Metrics:
         self.registry.register(_StatsCollector(stats, gauges))
         self.publish_latency = Histogram(
             PREFIX + "publish_to_write_seconds",
-            "Time from ingest of an event to its write to the first connection.",
+            "Time from publish (stream mode: the stream id's time; pubsub mode: when the "
+            "broker read it) to the write of the first event of each batch.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
