@@ -27,7 +27,7 @@ from broker.auth.factory import build_authenticator
 from broker.auth.grants import Grants
 from broker.config import Config
 from broker.connection import Connection
-from broker.envelope import decode_native, decode_stream
+from broker.envelope import decode_laravel, decode_native, decode_stream
 from broker.errors import Rejected, Retryable
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
@@ -93,7 +93,7 @@ class Broker:
         self.dispatcher = Dispatcher(
             self.hub.publish,
             stats=self.stats,
-            decode=decode_native,
+            decode=decode_laravel if cfg.ingest.format == "laravel" else decode_native,
             max_event_bytes=cfg.limits.max_event_bytes,
             on_canary=self._on_canary_message,
         )

@@ -667,8 +667,6 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
 # version does not serve. Each later feature deletes its entry here.
 # key -> (is the unsupported setting in use?, what to use instead)
 _NOT_YET_SUPPORTED: dict[str, tuple[Callable[[Config], bool], str]] = {
-    "auth.mode": (lambda c: c.auth.mode == "laravel", "'callback' (same idea, own route)"),
-    "ingest.format": (lambda c: c.ingest.format == "laravel", "'native'"),
     "server.workers": (lambda c: c.server.workers > 1, "1"),
     "redis.sentinels": (lambda c: bool(c.redis.sentinels), "[] and point redis.url at the master"),
 }

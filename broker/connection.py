@@ -68,6 +68,7 @@ class Connection:
         "pending",
         "remote",
         "slot",
+        "socket_id",
         "stuck_since",
         "tenant",
         "transport",
@@ -84,6 +85,7 @@ class Connection:
         user: str | None = None,
         tenant: str | None = None,
         remote: str = "",
+        socket_id: str | None = None,
     ) -> None:
         self.transport = transport
         self.chunked = chunked
@@ -91,6 +93,7 @@ class Connection:
         self.user = user
         self.tenant = tenant
         self.remote = remote
+        self.socket_id = socket_id
         self.pending: list[bytes] = []
         self.paused = True
         self.wrote = False  # anything written since the last heartbeat visit
@@ -111,6 +114,8 @@ class Connection:
         """The audience rule, the same for live, replayed and retained events."""
         if event.tenant is not None and event.tenant != self.tenant:
             return False
+        if event.socket is not None and event.socket == self.socket_id:
+            return False  # Laravel's toOthers(): not back to the tab that caused it
         return event.users is None or (self.user is not None and self.user in event.users)
 
     def wrap(self, frame: bytes) -> bytes:

@@ -32,6 +32,7 @@ REJECT_REASONS = (
     "bad_retain",
     "retain_with_users",
     "bad_data",
+    "bad_envelope",
 )
 
 
@@ -55,6 +56,7 @@ class Event(NamedTuple):
     users: frozenset[str] | None = None
     retain: str | None = None
     deletes: bool = False
+    socket: str | None = None  # Laravel's socket id: not echoed to that socket (toOthers)
 
 
 def valid_channel(name: str) -> bool:
@@ -184,6 +186,38 @@ def decode_native(channel: str, payload: bytes, max_bytes: int) -> Event:
     except UnicodeDecodeError:
         raise Rejected("message is not valid UTF-8", code="bad_encoding") from None
     return Event(channel=channel, data=text)
+
+
+def decode_laravel(channel: str, payload: bytes, max_bytes: int) -> Event:
+    """Decode what Laravel's Redis broadcaster publishes: ``{"event", "data", "socket"}``.
+
+    ``data`` is sent as compact JSON (an empty PHP array arrives as ``[]``);
+    a ``socket`` key inside ``data`` (older Laravel) or beside it marks the
+    tab that caused the event, which ``toOthers()`` must not echo to.
+    """
+    if len(payload) > max_bytes:
+        raise Rejected(
+            f"message of {len(payload)} bytes exceeds limits.max_event_bytes = {max_bytes}",
+            code="too_large",
+        )
+    check_channel(channel)
+    try:
+        fields = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise Rejected("not a Laravel broadcast: not JSON", code="bad_envelope") from None
+    if not isinstance(fields, dict) or "event" not in fields:
+        raise Rejected(
+            "not a Laravel broadcast: expected an object with 'event'", code="bad_envelope"
+        )
+    event = _event_name(fields["event"])
+    data = fields.get("data", [])
+    socket = fields.get("socket")
+    if isinstance(data, dict) and "socket" in data:
+        data = dict(data)
+        socket = data.pop("socket") or socket
+    if socket is not None and not isinstance(socket, str):
+        raise Rejected("field 'socket' must be a string or null", code="bad_envelope")
+    return Event(channel, orjson.dumps(data).decode(), event, socket=socket or None)
 
 
 def encode_native(event: Event) -> bytes:

@@ -113,6 +113,7 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
         user=identity.user,
         tenant=identity.tenant,
         remote=ip,
+        socket_id=creds.socket_id,
     )
     return conn, identity
 

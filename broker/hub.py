@@ -27,6 +27,8 @@ from broker.metrics import Metrics, Stats
 
 log = logging.getLogger(__name__)
 
+MAX_UNMATCHED_LOGGED = 1000
+
 
 class Published:
     """An event after the broker accepted it: its id and its wire bytes.
@@ -90,6 +92,9 @@ class Hub:
         self._dirty: list[Connection] = []
         self._flush_handle: asyncio.Handle | None = None
         self._batch_started: float | None = None
+        self._unmatched: set[str] = set()
+        # Cached: checked per event that nobody subscribes to.
+        self.log_unmatched = log.isEnabledFor(logging.DEBUG)
 
     # -- membership -------------------------------------------------------------
 
@@ -138,7 +143,9 @@ class Hub:
             self.retain(pub)
         subs = self._by_channel.get(event.channel)
         if subs:
-            filtered = event.tenant is not None or event.users is not None
+            filtered = (
+                event.tenant is not None or event.users is not None or event.socket is not None
+            )
             delivered = 0
             frame = pub.frame
             as_chunk = pub.chunk
@@ -156,11 +163,23 @@ class Hub:
                 if self._batch_started is None:
                     # Publish time: a stream id carries it (ms); pub/sub
                     # messages do not, so their clock starts at ingest.
-                    self._batch_started = (
-                        time.time() if position is None else (seq >> 64) / 1000
-                    )
+                    self._batch_started = time.time() if position is None else (seq >> 64) / 1000
                 self._schedule_flush()
+        elif self.log_unmatched:
+            self._note_unmatched(event.channel)
         return pub
+
+    def _note_unmatched(self, channel: str) -> None:
+        # A misconfigured prefix or a typo in a channel name shows up here:
+        # events arrive, nobody listens. Each name once, and not forever.
+        if channel in self._unmatched or len(self._unmatched) >= MAX_UNMATCHED_LOGGED:
+            return
+        self._unmatched.add(channel)
+        log.debug(
+            "event on channel %r matches no open stream (channels with streams: %s)",
+            channel,
+            ", ".join(sorted(self._by_channel)[:20]) or "none",
+        )
 
     def skip(self) -> str:
         """Burn one position to stand for events lost in an outage; returns the new head."""

@@ -122,6 +122,7 @@ class Server:
             return
         self.cfg = self.broker.cfg
         setup_logging(new.log.level, new.log.format)
+        self.broker.hub.log_unmatched = logging.getLogger("broker.hub").isEnabledFor(logging.DEBUG)
         log.info("SIGHUP: configuration reloaded (new streams use it; open streams stay)")
         if restart:
             log.warning("SIGHUP: changes to %s need a restart to apply", ", ".join(restart))

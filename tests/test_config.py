@@ -599,8 +599,6 @@ def test_cross_key_rules(overrides: list[str], needle: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["auth.mode=laravel"], "auth.mode = 'laravel' is not supported by this version yet"),
-        (["ingest.format=laravel"], "ingest.format = 'laravel' is not supported"),
         (["server.workers=4"], "server.workers = 4 is not supported by this version yet"),
         (
             ["redis.sentinels=['s1:26379']", "redis.sentinel_master=mymaster"],
@@ -624,16 +622,23 @@ def test_stream_mode_is_supported() -> None:
     [
         ["auth.mode=jwt", "auth.jwt.secret=0123456789abcdef0123456789abcdef"],
         ["auth.mode=callback", "auth.callback.url=http://app/auth"],
+        ["auth.mode=laravel"],
     ],
 )
 def test_jwt_and_callback_modes_are_supported(overrides: list[str]) -> None:
     assert load_config(None, env={}, overrides=overrides).auth.mode == overrides[0].split("=")[1]
 
 
+def test_laravel_ingest_format_is_supported() -> None:
+    cfg = load_config(None, env={}, overrides=["ingest.format=laravel"])
+    assert cfg.ingest.format == "laravel"
+
+
 def test_validation_runs_before_the_not_yet_supported_table() -> None:
-    # A laravel setup that is also invalid reports the real problem, not "unsupported".
-    message = config_error(overrides=["auth.mode=laravel", "auth.laravel.url=ftp://x"])
-    assert "must be an http:// or https:// URL" in message
+    # A sentinel setup that is also invalid reports the real problem, not "unsupported".
+    message = config_error(overrides=["redis.sentinels=['nohost']", "redis.sentinel_master=m"])
+    assert "redis.sentinels" in message
+    assert "not supported by this version" not in message
     assert "not supported by this version" not in message
 
 

@@ -17,4 +17,8 @@ def build_authenticator(cfg: Config, stats: Stats, metrics: Metrics) -> Authenti
         from broker.auth.callback import CallbackAuth
 
         return CallbackAuth(cfg, stats, metrics)
+    if mode == "laravel":
+        from broker.auth.laravel import LaravelAuth
+
+        return LaravelAuth(cfg, stats, metrics)
     return NoAuth()

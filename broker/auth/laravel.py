@@ -1,0 +1,149 @@
+"""``auth.mode = "laravel"``: a drop-in for Laravel's own ``Broadcast::routes()``.
+
+For each requested ``private-*``/``presence-*`` channel the broker POSTs the
+form ``channel_name``, ``socket_id`` to ``auth.laravel.url`` (the app's
+existing ``/broadcasting/auth``) exactly as Laravel Echo would from the
+browser: the browser's ``Cookie`` and ``Authorization``, ``X-XSRF-TOKEN``
+from the ``XSRF-TOKEN`` cookie, ``X-Requested-With: XMLHttpRequest`` and the
+original ``Host`` (domain-based tenancy). 2xx allows; 3xx (a redirect to the
+login page), 401, 403 and 419 (CSRF/session expired) deny; anything else
+fails closed. A presence answer's ``channel_data.user_id`` becomes the user.
+Every other channel is public.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+import orjson
+
+from broker.auth import Credentials, Identity
+from broker.auth.backend import Backend, credential_key
+from broker.auth.callback import forwarded_headers, unavailable
+from broker.auth.grants import Grants, escape_glob
+from broker.config import Config
+from broker.errors import Forbidden, Unauthorized
+from broker.metrics import Metrics, Stats
+
+PROTECTED = ("private-", "presence-")
+DENY = frozenset({401, 403, 419})
+
+
+def _presence_user(body: bytes) -> str | None:
+    """``channel_data.user_id`` of a presence answer (an object, or a JSON string as
+    Pusher-style broadcasters send it); None for private channels' ``true``."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    data: Any = doc.get("channel_data")
+    if isinstance(data, str):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+    if isinstance(data, dict):
+        user = data.get("user_id")
+        if isinstance(user, str) and user:
+            return user
+        if isinstance(user, int) and not isinstance(user, bool):
+            return str(user)
+    return None
+
+
+class LaravelAuth:
+    def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
+        self.cfg = cfg.auth.laravel
+        self.grants = cfg.auth.grants
+        self.stats = stats
+        # Allowed answers are cached per credentials and channel: value = the
+        # presence user id ("" for a private channel).
+        self.backend: Backend[str] = Backend(
+            name="laravel",
+            max_concurrency=self.cfg.max_concurrency,
+            cache_ttl=self.cfg.cache_ttl_seconds,
+            stats=stats,
+            latency=metrics.auth_latency,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
+                # The app's cookies belong to the browser: never kept here.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
+        protected = [c for c in channels if c.startswith(PROTECTED)]
+        public = [escape_glob(c) for c in channels if not c.startswith(PROTECTED)]
+        if not protected:
+            return Identity(grants=Grants.compile(public))
+        cookies = [
+            f"{name}={creds.cookies[name]}"
+            for name in self.cfg.credential_cookies
+            if name in creds.cookies
+        ]
+        if not creds.authorization and not cookies:
+            # No session: nothing to ask the app about.
+            raise Unauthorized(
+                f"channel {protected[0]!r} requires a session", code="credentials_required"
+            )
+        key = credential_key(creds.authorization, *cookies)
+        users = await asyncio.gather(*(self._allowed(creds, key, c) for c in protected))
+        user = next((u for u in users if u), None)
+        return Identity(
+            user=user,
+            grants=Grants.compile([*public, *(escape_glob(c) for c in protected)]),
+        )
+
+    async def _allowed(self, creds: Credentials, key: str, channel: str) -> str:
+        cached = self.backend.cached((key, channel))
+        if cached is not None:
+            self.stats.auth_calls["cache_hit"] += 1
+            return cached
+        return await self.backend.call((key, channel), lambda: self._ask(creds, channel))
+
+    async def _ask(self, creds: Credentials, channel: str) -> tuple[str, float]:
+        headers = forwarded_headers(creds)
+        headers["X-Requested-With"] = "XMLHttpRequest"
+        headers["Accept"] = "application/json"
+        if creds.host:
+            headers["Host"] = creds.host  # domain-based tenancy sees the browser's host
+        xsrf = creds.cookies.get("XSRF-TOKEN")
+        if xsrf:
+            headers["X-XSRF-TOKEN"] = unquote(xsrf)
+        form = {"channel_name": channel, "socket_id": creds.socket_id or "0.0"}
+        try:
+            async with self.session().post(
+                self.cfg.url, data=form, headers=headers, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                body = await resp.read() if 200 <= status < 300 else b""
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.stats.auth_calls["error"] += 1
+            raise unavailable(f"laravel auth failed: {exc or type(exc).__name__}") from None
+        if 200 <= status < 300:
+            self.stats.auth_calls["allowed"] += 1
+            return _presence_user(body) or "", float(self.cfg.cache_ttl_seconds)
+        if status in DENY or 300 <= status < 400:
+            self.stats.auth_calls["denied"] += 1
+            if status == 403:
+                raise Forbidden(f"the app denied channel {channel!r}", code="channel_forbidden")
+            raise Unauthorized(
+                f"the app refused the session for {channel!r} (answered {status})", code="denied"
+            )
+        self.stats.auth_calls["error"] += 1
+        raise unavailable(f"laravel auth answered {status}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
