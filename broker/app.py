@@ -120,6 +120,7 @@ class Broker:
         self._ever_subscribed = False
         self._next_refusal_log = 0.0
         self.stalled = False
+        self.subscribed_once = asyncio.Event()  # set at the first subscription (READY=1)
         self._canary_pending: str | None = None
         self._canary_count = 0
         self._checked_seq = -1
@@ -353,6 +354,7 @@ class Broker:
     def _on_ingest_state(self, up: bool) -> None:
         if not up:
             return
+        self.subscribed_once.set()
         if self._ever_subscribed:
             self.stats.redis_reconnects += 1
             if not self.stream_mode:  # a stream reader reads on: no hole

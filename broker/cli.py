@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from typing import Any, NoReturn
 
 import click
 import orjson
 
-from broker.config import Config, config_warnings, dump_config, load_config
+from broker import systemd
+from broker.config import ENV_WORKER, Config, config_warnings, dump_config, load_config
 from broker.errors import ConfigError
 
 _config_option = click.option(
@@ -80,8 +82,9 @@ def serve(config_path: str | None, overrides: tuple[str, ...]) -> None:
     setup_logging(cfg.log.level, cfg.log.format)
     import logging
 
-    for warning in config_warnings(cfg):
-        logging.getLogger("broker").warning("config: %s", warning)
+    if ENV_WORKER not in os.environ:  # the supervisor already said it
+        for warning in config_warnings(cfg):
+            logging.getLogger("broker").warning("config: %s", warning)
     path = config_path or os.environ.get("SSE_BROKER_CONFIG") or None
 
     def reload() -> Config:
@@ -89,8 +92,18 @@ def serve(config_path: str | None, overrides: tuple[str, ...]) -> None:
         check_files(fresh)
         return fresh
 
+    worker = os.environ.pop(ENV_WORKER, None)
     try:
-        run(cfg, reload)
+        if worker is not None:  # started by a supervisor: inherit its listener
+            _, fd, admin_path = worker.split(":", 2)
+            public = socket.socket(fileno=int(fd))
+            run(cfg, reload, sockets={"public": public}, admin_path=admin_path)
+        elif cfg.server.workers > 1:
+            from broker.workers import supervise
+
+            sys.exit(supervise(cfg, sys.argv[1:]))
+        else:
+            run(cfg, reload, sockets=systemd.listen_sockets())
     except ConfigError as exc:
         _fail(exc.message)
     except OSError as exc:

@@ -25,6 +25,8 @@ from broker.errors import ConfigError
 ENV_PREFIX = "SSE_BROKER_"
 # Read by the CLI, not a key: it names the file that holds the keys.
 ENV_CONFIG = "SSE_BROKER_CONFIG"
+# Set by the worker supervisor for the processes it starts (not a config key).
+ENV_WORKER = "SSE_BROKER_WORKER"
 REDACTED = "***"
 
 
@@ -667,7 +669,6 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
 # version does not serve. Each later feature deletes its entry here.
 # key -> (is the unsupported setting in use?, what to use instead)
 _NOT_YET_SUPPORTED: dict[str, tuple[Callable[[Config], bool], str]] = {
-    "server.workers": (lambda c: c.server.workers > 1, "1"),
     "redis.sentinels": (lambda c: bool(c.redis.sentinels), "[] and point redis.url at the master"),
 }
 
@@ -772,7 +773,7 @@ def _read_file(path: str, errors: list[str]) -> list[tuple[str, Any, str]]:
 def _read_env(env: Mapping[str, str], errors: list[str]) -> list[tuple[str, Any, str]]:
     out: list[tuple[str, Any, str]] = []
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_WORKER):
             continue
         key = _ENV_KEYS.get(name)
         if key is None:

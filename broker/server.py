@@ -22,13 +22,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from broker import control
+from broker import control, systemd
 from broker.admin import admin_app
 from broker.app import Broker
 from broker.config import Config, Listen
 from broker.errors import BrokerError
 from broker.http import public_app
 from broker.logs import setup_logging
+from broker.scheduler import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,47 @@ class Server:
     environment and ``--set`` flags of the start still apply).
     """
 
-    def __init__(self, cfg: Config, load: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        load: Callable[[], Config] | None = None,
+        *,
+        sockets: dict[str, socket.socket] | None = None,
+        admin_path: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.load = load
+        # Inherited listening sockets (socket activation, or a worker's from its
+        # supervisor) and, for a worker, the private Unix socket of its admin.
+        self.sockets = sockets or {}
+        self.admin_path = admin_path
         self.broker = Broker(cfg)
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
         self._signals = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        interval = systemd.watchdog_interval()
+        self.watchdog = Periodic(interval, self._pet) if interval else None
+
+    def _pet(self) -> None:
+        # From the event loop itself: a wedged loop stops petting and systemd restarts us.
+        systemd.notify("WATCHDOG=1")
+
+    def listeners(self) -> list[tuple[web.Application, socket.socket]]:
+        cfg = self.cfg
+        public = self.sockets.get("public") or bind(cfg.server.listen_address)
+        apps = [(public_app(self.broker), public)]
+        if self.admin_path is not None:
+            apps.append((admin_app(self.broker), bind(Listen(None, None, self.admin_path))))
+        elif "admin" in self.sockets:
+            apps.append((admin_app(self.broker), self.sockets["admin"]))
+        elif cfg.admin.listen_address is not None:
+            apps.append((admin_app(self.broker), bind(cfg.admin.listen_address)))
+        return apps
+
+    async def _ready_when_subscribed(self) -> None:
+        await self.broker.subscribed_once.wait()
+        systemd.notify("READY=1", "STATUS=listening and subscribed")
 
     async def startup(self) -> None:
         cfg = self.cfg
@@ -76,25 +111,28 @@ class Server:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         await self.broker.start()
-        apps = [(public_app(self.broker), cfg.server.listen_address)]
-        if cfg.admin.listen_address is not None:
-            apps.append((admin_app(self.broker), cfg.admin.listen_address))
-        for app, address in apps:
+        for app, sock in self.listeners():
             runner = web.AppRunner(
                 app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
             )
             await runner.setup()
             self._runners.append(runner)
             # aiohttp calls listen() again with its own backlog (128 by default).
-            site = web.SockSite(runner, bind(address), shutdown_timeout=1.0, backlog=LISTEN_BACKLOG)
+            site = web.SockSite(runner, sock, shutdown_timeout=1.0, backlog=LISTEN_BACKLOG)
             await site.start()
         log.info(
-            "listening on %s (admin %s), mode %s, auth %s",
+            "listening on %s%s (admin %s), mode %s, auth %s",
             cfg.server.listen,
-            cfg.admin.listen or "disabled",
+            " (inherited socket)" if "public" in self.sockets else "",
+            self.admin_path or cfg.admin.listen or "disabled",
             cfg.ingest.mode,
             cfg.auth.mode,
         )
+        task = asyncio.create_task(self._ready_when_subscribed())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self.watchdog is not None:
+            self.watchdog.start()
         # Everything allocated so far lives for the whole run: keep it out of
         # every future GC pass (a full pass over many streams stalls the loop).
         gc.collect()
@@ -137,6 +175,7 @@ class Server:
         the next instance all in the same instant."""
         broker = self.broker
         broker.draining = True
+        systemd.notify("STOPPING=1", "STATUS=draining")
         hub = broker.hub
         conns = list(hub.connections)
         random.shuffle(conns)
@@ -160,10 +199,14 @@ class Server:
             await asyncio.sleep(DRAIN_TICK)
 
     async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.drain()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.broker.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     async def run(self) -> None:
         try:
@@ -177,8 +220,14 @@ class Server:
         log.info("stopped")
 
 
-def run(cfg: Config, load: Callable[[], Config] | None = None) -> None:
-    """Run the broker until a signal stops it (uvloop when installed)."""
+def run(
+    cfg: Config,
+    load: Callable[[], Config] | None = None,
+    *,
+    sockets: dict[str, socket.socket] | None = None,
+    admin_path: str | None = None,
+) -> None:
+    """Run one broker process until a signal stops it (uvloop when installed)."""
     try:
         import uvloop
     except ImportError:
@@ -186,4 +235,4 @@ def run(cfg: Config, load: Callable[[], Config] | None = None) -> None:
     else:
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Server(cfg, load).run())
+        runner.run(Server(cfg, load, sockets=sockets, admin_path=admin_path).run())
