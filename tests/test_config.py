@@ -599,7 +599,6 @@ def test_cross_key_rules(overrides: list[str], needle: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["server.workers=4"], "server.workers = 4 is not supported by this version yet"),
         (
             ["redis.sentinels=['s1:26379']", "redis.sentinel_master=mymaster"],
             "redis.sentinels = ['s1:26379'] is not supported by this version yet",
