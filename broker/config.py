@@ -665,14 +665,6 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
         yield "auth.laravel.url", "required when auth.mode = 'laravel'", "auth.mode"
 
 
-# NOT YET SUPPORTED: features whose keys parse and validate fully but which this
-# version does not serve. Each later feature deletes its entry here.
-# key -> (is the unsupported setting in use?, what to use instead)
-_NOT_YET_SUPPORTED: dict[str, tuple[Callable[[Config], bool], str]] = {
-    "redis.sentinels": (lambda c: bool(c.redis.sentinels), "[] and point redis.url at the master"),
-}
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -848,17 +840,6 @@ def load_config(
     for key, problem, blame in _cross_checks(cfg):
         blamed = origins.get(blame) or origins.get(key)
         errors.append(f"{key}: {problem}" + (f" (from {blamed})" if blamed else ""))
-    _fail(errors)
-
-    for key, (in_use, instead) in _NOT_YET_SUPPORTED.items():
-        if in_use(cfg):
-            value = _get(cfg, key)
-            shown = repr(list(value) if isinstance(value, tuple) else value)
-            where = f" (from {origins[key]})" if key in origins else ""
-            errors.append(
-                f"{key} = {shown} is not supported by this version yet (planned); "
-                f"use {instead}{where}"
-            )
     _fail(errors)
     return cfg
 

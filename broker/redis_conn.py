@@ -1,4 +1,11 @@
-"""Where Redis is and how to log in: one place for the URL, password file and TLS."""
+"""Where Redis is and how to log in: one place for the URL, password file, TLS and Sentinel.
+
+Both ways the broker talks to Redis go through :class:`RedisTarget`: the raw
+pub/sub ingest asks it for an address and an SSL context on every (re)connect
+(so after a Sentinel failover it finds the new master), and redis-py command
+clients come from :meth:`RedisTarget.client` (with Sentinel: ``master_for``,
+which re-discovers the master by itself).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,41 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from broker.config import RedisConfig
 from broker.errors import ConfigError
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """From ``rediss://...?ssl_cert_reqs=&ssl_ca_certs=&ssl_certfile=&ssl_keyfile=``."""
+
+    cert_reqs: str = "required"
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_certs)
+        if self.cert_reqs != "required":
+            ctx.check_hostname = False
+            ctx.verify_mode = _CERT_REQS[self.cert_reqs]
+        if self.certfile:
+            ctx.load_cert_chain(self.certfile, self.keyfile)
+        return ctx
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "ssl": True,
+            "ssl_cert_reqs": self.cert_reqs,
+            "ssl_ca_certs": self.ca_certs,
+            "ssl_certfile": self.certfile,
+            "ssl_keyfile": self.keyfile,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,31 +60,64 @@ class RedisTarget:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    tls: bool = False
+    tls: TlsOptions | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
 
     def describe(self) -> str:
         """Where we connect, for logs (never the password)."""
+        if self.sentinels:
+            hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"sentinel {self.master}@{hosts}/{self.db}"
         scheme = "rediss" if self.tls else "redis"
         return f"unix:{self.path}" if self.path else f"{scheme}://{self.host}:{self.port}/{self.db}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        return ssl.create_default_context() if self.tls else None
+        return self.tls.context() if self.tls else None
 
-    def client(self, **kwargs: Any) -> aioredis.Redis:
-        """A redis-py asyncio client for commands (publishing, XREAD, retained state)."""
+    def _common(self) -> dict[str, Any]:
         common: dict[str, Any] = {
             "db": self.db,
             "username": self.username,
             "password": self.password,
-            **kwargs,
         }
+        if self.tls:
+            common.update(self.tls.client_kwargs())
+        return common
+
+    def _sentinel(self) -> Sentinel:
+        return Sentinel(  # type: ignore[no-untyped-call]
+            list(self.sentinels), socket_timeout=2.0, **self._common()
+        )
+
+    async def address(self) -> tuple[str, int]:
+        """The (current) master: asked of Sentinel on every call when configured."""
+        if self.sentinels:
+            host, port = await self._sentinel().discover_master(self.master)
+            return str(host), int(port)
+        return self.host, self.port
+
+    def client(self, **kwargs: Any) -> aioredis.Redis:
+        """A redis-py asyncio client for commands (publishing, XREAD, retained state)."""
+        if self.sentinels:
+            client: aioredis.Redis = self._sentinel().master_for(
+                self.master, **{**self._common(), **kwargs}
+            )
+            return client
+        common = {**self._common(), **kwargs}
         if self.path:
+            common.pop("ssl", None)
             return aioredis.Redis(unix_socket_path=self.path, **common)
-        return aioredis.Redis(host=self.host, port=self.port, ssl=self.tls, **common)
+        return aioredis.Redis(host=self.host, port=self.port, **common)
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def redis_target(cfg: RedisConfig) -> RedisTarget:
-    """Resolve ``redis.url`` and ``redis.password_file`` (the file wins over a URL password)."""
+    """Resolve ``redis.url``, ``redis.password_file`` and Sentinel settings."""
     try:
         parts = parse_url(cfg.url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
@@ -57,9 +128,22 @@ def redis_target(cfg: RedisConfig) -> RedisTarget:
             password = Path(cfg.password_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(
-                f"redis.password_file: cannot read {cfg.password_file}: {exc}"
+                f"redis.password_file: cannot read {cfg.password_file}: {exc.strerror}"
             ) from None
     cls = parts.get("connection_class")
+    tls = None
+    if cls is SSLConnection:
+        reqs = str(parts.get("ssl_cert_reqs") or "required").lower()
+        if reqs not in _CERT_REQS:
+            raise ConfigError(
+                f"redis.url: ssl_cert_reqs must be none, optional or required, got {reqs!r}"
+            )
+        tls = TlsOptions(
+            cert_reqs=reqs,
+            ca_certs=parts.get("ssl_ca_certs"),
+            certfile=parts.get("ssl_certfile"),
+            keyfile=parts.get("ssl_keyfile"),
+        )
     return RedisTarget(
         host=parts.get("host") or "127.0.0.1",
         port=int(parts.get("port") or 6379),
@@ -67,5 +151,7 @@ def redis_target(cfg: RedisConfig) -> RedisTarget:
         db=int(parts.get("db") or 0),
         username=parts.get("username"),
         password=password,
-        tls=cls is SSLConnection,
+        tls=tls,
+        sentinels=tuple(_host_port(s) for s in cfg.sentinels),
+        master=cfg.sentinel_master,
     )

@@ -593,22 +593,7 @@ def test_cross_key_rules(overrides: list[str], needle: str) -> None:
     assert needle in config_error(overrides=overrides)
 
 
-# --------------------------------------------------------------------------- not yet supported
-
-
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        (
-            ["redis.sentinels=['s1:26379']", "redis.sentinel_master=mymaster"],
-            "redis.sentinels = ['s1:26379'] is not supported by this version yet",
-        ),
-    ],
-)
-def test_not_yet_supported_settings_are_refused(overrides: list[str], expected: str) -> None:
-    message = config_error(overrides=overrides)
-    assert expected in message
-    assert "(from --set)" in message
+# --------------------------------------------------------------------------- every mode is served
 
 
 def test_stream_mode_is_supported() -> None:
@@ -624,21 +609,20 @@ def test_stream_mode_is_supported() -> None:
         ["auth.mode=laravel"],
     ],
 )
-def test_jwt_and_callback_modes_are_supported(overrides: list[str]) -> None:
+def test_every_auth_mode_is_supported(overrides: list[str]) -> None:
     assert load_config(None, env={}, overrides=overrides).auth.mode == overrides[0].split("=")[1]
 
 
-def test_laravel_ingest_format_is_supported() -> None:
-    cfg = load_config(None, env={}, overrides=["ingest.format=laravel"])
-    assert cfg.ingest.format == "laravel"
-
-
-def test_validation_runs_before_the_not_yet_supported_table() -> None:
-    # A sentinel setup that is also invalid reports the real problem, not "unsupported".
-    message = config_error(overrides=["redis.sentinels=['nohost']", "redis.sentinel_master=m"])
-    assert "redis.sentinels" in message
-    assert "not supported by this version" not in message
-    assert "not supported by this version" not in message
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["ingest.format=laravel"],
+        ["server.workers=4"],
+        ["redis.sentinels=['s1:26379']", "redis.sentinel_master=mymaster"],
+    ],
+)
+def test_laravel_workers_and_sentinel_are_supported(overrides: list[str]) -> None:
+    load_config(None, env={}, overrides=overrides)
 
 
 # --------------------------------------------------------------------------- secrets

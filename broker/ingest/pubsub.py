@@ -174,8 +174,10 @@ class PubSubIngest:
         if t.path:
             transport, proto = await loop.create_unix_connection(factory, t.path)
         else:
+            host, port = await t.address()  # with Sentinel: the master of the moment
+            context = t.ssl_context()
             transport, proto = await loop.create_connection(
-                factory, t.host, t.port, ssl=t.ssl_context()
+                factory, host, port, ssl=context, server_hostname=host if context else None
             )
             sock = transport.get_extra_info("socket")
             if sock is not None:
