@@ -17,6 +17,7 @@ import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -796,6 +797,14 @@ def _read_overrides(overrides: Sequence[str], errors: list[str]) -> list[tuple[s
 def _fail(errors: list[str]) -> None:
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def read_config_file(key: str, path: str) -> str:
+    """The text of a file a config key names (secrets, keys); ConfigError naming the key."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def load_config(

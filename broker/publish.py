@@ -7,15 +7,14 @@ locally), so every broker instance on that Redis delivers them alike.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from broker.config import Config
+from broker.config import Config, read_config_file
 from broker.envelope import Event, check_channel, encode_native, encode_stream, from_fields
-from broker.errors import BadRequest, ConfigError, Rejected
+from broker.errors import BadRequest, Rejected
 
 MAX_ITEMS = 1000
 
@@ -24,12 +23,7 @@ def load_publish_keys(cfg: Config) -> tuple[str, ...]:
     """``publish.keys`` plus one key per non-empty line of ``publish.keys_file``."""
     keys = list(cfg.publish.keys)
     if cfg.publish.keys_file:
-        try:
-            text = Path(cfg.publish.keys_file).read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"publish.keys_file: cannot read {cfg.publish.keys_file}: {exc.strerror}"
-            ) from None
+        text = read_config_file("publish.keys_file", cfg.publish.keys_file)
         keys.extend(line.strip() for line in text.splitlines() if line.strip())
     return tuple(keys)
 

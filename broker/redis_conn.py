@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
-from broker.config import RedisConfig
+from broker.config import RedisConfig, read_config_file
 from broker.errors import ConfigError
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -124,12 +123,7 @@ def redis_target(cfg: RedisConfig) -> RedisTarget:
         raise ConfigError(f"redis.url: {exc}") from None
     password = parts.get("password")
     if cfg.password_file:
-        try:
-            password = Path(cfg.password_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"redis.password_file: cannot read {cfg.password_file}: {exc.strerror}"
-            ) from None
+        password = read_config_file("redis.password_file", cfg.password_file).strip()
     cls = parts.get("connection_class")
     tls = None
     if cls is SSLConnection:

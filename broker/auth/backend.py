@@ -16,8 +16,11 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+import aiohttp
 from prometheus_client import Histogram
 
+from broker.auth import Credentials
+from broker.config import CallbackConfig, LaravelConfig
 from broker.errors import Retryable
 from broker.metrics import Stats
 
@@ -126,6 +129,57 @@ class Backend(Generic[T]):
         finally:
             self._inflight.pop(key, None)
             self.latency.observe(time.monotonic() - started)
+
+
+class AppAuth(Generic[T]):
+    """What ``callback`` and ``laravel`` auth share: the app's endpoint settings, a
+    :class:`Backend` answering from cache or by one coalesced call, an HTTP
+    client that never keeps the app's cookies (they belong to each browser,
+    never to the next client), and the credentials key."""
+
+    def __init__(
+        self,
+        name: str,
+        section: CallbackConfig | LaravelConfig,
+        grants: tuple[str, ...],
+        stats: Stats,
+        latency: Histogram,
+    ) -> None:
+        self.cfg = section
+        self.grants = grants
+        self.stats = stats
+        self.backend: Backend[T] = Backend(
+            name=name,
+            max_concurrency=section.max_concurrency,
+            cache_ttl=section.cache_ttl_seconds,
+            stats=stats,
+            latency=latency,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    def credentials_key(self, creds: Credentials) -> str | None:
+        """Hash of ``Authorization`` and the ``credential_cookies``; None without either."""
+        cookies = [
+            f"{name}={creds.cookies[name]}"
+            for name in self.cfg.credential_cookies
+            if name in creds.cookies
+        ]
+        if not creds.authorization and not cookies:
+            return None
+        return credential_key(creds.authorization, *cookies)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:

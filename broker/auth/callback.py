@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from broker.auth import ANONYMOUS, Credentials, Identity
-from broker.auth.backend import Backend, credential_key
+from broker.auth.backend import AppAuth
 from broker.auth.grants import Grants, expand
 from broker.config import Config
 from broker.errors import Forbidden, Retryable, Unauthorized
@@ -52,37 +52,17 @@ def _id(value: Any, field: str) -> str | None:
     raise unavailable(f"auth callback answered a bad {field!r}: expected a string or an integer")
 
 
-class CallbackAuth:
+class CallbackAuth(AppAuth[Identity]):
     def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
-        self.cfg = cfg.auth.callback
-        self.grants = cfg.auth.grants
-        self.stats = stats
-        self.backend: Backend[Identity] = Backend(
-            name="callback",
-            max_concurrency=self.cfg.max_concurrency,
-            cache_ttl=self.cfg.cache_ttl_seconds,
-            stats=stats,
-            latency=metrics.auth_latency,
+        super().__init__(
+            "callback", cfg.auth.callback, cfg.auth.grants, stats, metrics.auth_latency
         )
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
-                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
-            )
-        return self._session
+        self.key = cfg.auth.callback.key
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
-        cookies = [
-            f"{name}={creds.cookies[name]}"
-            for name in self.cfg.credential_cookies
-            if name in creds.cookies
-        ]
-        if not creds.authorization and not cookies:
+        key = self.credentials_key(creds)
+        if key is None:
             return ANONYMOUS  # never shares an entry, never calls the app
-        key = credential_key(creds.authorization, *cookies)
         cached = self.backend.cached(key)
         if cached is not None and all(cached.grants.allows(c) for c in channels):
             self.stats.auth_calls["cache_hit"] += 1
@@ -94,8 +74,8 @@ class CallbackAuth:
 
     async def _ask(self, creds: Credentials, channels: tuple[str, ...]) -> tuple[Identity, float]:
         headers = forwarded_headers(creds)
-        if self.cfg.key:
-            headers["X-SSE-Broker-Key"] = self.cfg.key
+        if self.key:
+            headers["X-SSE-Broker-Key"] = self.key
         try:
             async with self.session().get(
                 self.cfg.url,
@@ -135,7 +115,3 @@ class CallbackAuth:
             ttl = 0
         grants = Grants.compile(expand([*channels, *self.grants], user, tenant))
         return Identity(user=user, tenant=tenant, grants=grants), float(ttl)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.auth import ANONYMOUS, Credentials, Identity
 from broker.auth.grants import Grants, expand
-from broker.config import Config, JwtConfig
+from broker.config import Config, JwtConfig, read_config_file
 from broker.errors import ConfigError, Unauthorized
 
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
@@ -64,25 +63,14 @@ def load_keys(cfg: JwtConfig) -> list[Key]:
     if cfg.secret:
         keys.append(Key(HMAC_ALGS & allowed, cfg.secret.encode()))
     if cfg.secret_file:
-        try:
-            text = Path(cfg.secret_file).read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"auth.jwt.secret_file: cannot read {cfg.secret_file}: {exc.strerror}"
-            ) from None
-        for line in text.splitlines():
+        for line in read_config_file("auth.jwt.secret_file", cfg.secret_file).splitlines():
             parts = line.split()
             if not parts or parts[0].startswith("#"):
                 continue
             kid, secret = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
             keys.append(Key(HMAC_ALGS & allowed, secret.encode(), kid))
     if cfg.public_key_file:
-        try:
-            text = Path(cfg.public_key_file).read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"auth.jwt.public_key_file: cannot read {cfg.public_key_file}: {exc.strerror}"
-            ) from None
+        text = read_config_file("auth.jwt.public_key_file", cfg.public_key_file)
         for match in _PEM_BLOCK.finditer(text):
             try:
                 public = load_pem_public_key(match.group("pem").encode())

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from broker.auth import Credentials, Identity
-from broker.auth.backend import Backend, credential_key
+from broker.auth.backend import AppAuth
 from broker.auth.callback import forwarded_headers, unavailable
 from broker.auth.grants import Grants, escape_glob
 from broker.config import Config
@@ -56,48 +56,24 @@ def _presence_user(body: bytes) -> str | None:
     return None
 
 
-class LaravelAuth:
-    def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
-        self.cfg = cfg.auth.laravel
-        self.grants = cfg.auth.grants
-        self.stats = stats
-        # Allowed answers are cached per credentials and channel: value = the
-        # presence user id ("" for a private channel).
-        self.backend: Backend[str] = Backend(
-            name="laravel",
-            max_concurrency=self.cfg.max_concurrency,
-            cache_ttl=self.cfg.cache_ttl_seconds,
-            stats=stats,
-            latency=metrics.auth_latency,
-        )
-        self._session: aiohttp.ClientSession | None = None
+class LaravelAuth(AppAuth[str]):
+    """Allowed answers are cached per credentials and channel; the cached value is
+    the presence user id ("" for a private channel)."""
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
-                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
-                # The app's cookies belong to the browser: never kept here.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+    def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
+        super().__init__("laravel", cfg.auth.laravel, cfg.auth.grants, stats, metrics.auth_latency)
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
         protected = [c for c in channels if c.startswith(PROTECTED)]
         public = [escape_glob(c) for c in channels if not c.startswith(PROTECTED)]
         if not protected:
             return Identity(grants=Grants.compile(public))
-        cookies = [
-            f"{name}={creds.cookies[name]}"
-            for name in self.cfg.credential_cookies
-            if name in creds.cookies
-        ]
-        if not creds.authorization and not cookies:
+        key = self.credentials_key(creds)
+        if key is None:
             # No session: nothing to ask the app about.
             raise Unauthorized(
                 f"channel {protected[0]!r} requires a session", code="credentials_required"
             )
-        key = credential_key(creds.authorization, *cookies)
         users = await asyncio.gather(*(self._allowed(creds, key, c) for c in protected))
         user = next((u for u in users if u), None)
         return Identity(
@@ -143,7 +119,3 @@ class LaravelAuth:
             )
         self.stats.auth_calls["error"] += 1
         raise unavailable(f"laravel auth answered {status}")
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
