@@ -68,12 +68,15 @@ class LaravelAuth(AppAuth[str]):
         public = [escape_glob(c) for c in channels if not c.startswith(PROTECTED)]
         if not protected:
             return Identity(grants=Grants.compile(public))
-        key = self.credentials_key(creds)
-        if key is None:
+        session = self.credentials_key(creds)
+        if session is None:
             # No session: nothing to ask the app about.
             raise Unauthorized(
                 f"channel {protected[0]!r} requires a session", code="credentials_required"
             )
+        # The Host is part of the question: with domain-based tenancy one
+        # session cookie may be valid on several tenants' hosts.
+        key = f"{session}@{creds.host}"
         users = await asyncio.gather(*(self._allowed(creds, key, c) for c in protected))
         user = next((u for u in users if u), None)
         return Identity(
