@@ -232,6 +232,10 @@ class Broker:
         self.per_ip[conn.remote] += 1
         loop = asyncio.get_running_loop()
         if expires_at is not None:
+            # At the same instant admission stops accepting the token (exp +
+            # leeway): earlier, a reconnect with that token would be admitted
+            # and ended again at once, over and over.
+            expires_at += self.cfg.auth.jwt.leeway_seconds
             self.deadlines.add(conn, loop.time() + (expires_at - time.time()), "token_expired")
         age = self.cfg.sse.max_connection_age_seconds
         if age:

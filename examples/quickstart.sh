@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to live events: installs what is missing,
-# starts a private redis-server and the broker, publishes a tick every second
-# and shows the SSE stream as a browser would receive it. Ctrl-C stops it all.
+# starts a private redis-server and the broker, serves the live dashboard
+# example, feeds it with the demo publisher and shows the SSE stream as a
+# browser receives it. Ctrl-C stops it all.
 #
 #   examples/quickstart.sh            # runs for 60 seconds
 #   SECONDS_TO_RUN=600 examples/quickstart.sh
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 REDIS_PORT=${REDIS_PORT:-6399}
 BROKER_PORT=${BROKER_PORT:-8080}
 ADMIN_PORT=${ADMIN_PORT:-9464}
+PAGE_PORT=${PAGE_PORT:-8000}
 RUN_FOR=${SECONDS_TO_RUN:-60}
 
 need_apt=()
@@ -47,6 +49,7 @@ export SSE_BROKER_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 echo "== sse-broker on http://127.0.0.1:$BROKER_PORT/events (metrics: http://127.0.0.1:$ADMIN_PORT/metrics)"
 .venv/bin/sse-broker serve --config config/broker.toml \
     --set server.listen="127.0.0.1:$BROKER_PORT" --set admin.listen="127.0.0.1:$ADMIN_PORT" \
+    --set "server.cors_origins=[\"http://127.0.0.1:$PAGE_PORT\"]" \
     2>"$work/broker.log" &
 pids+=($!)
 
@@ -57,17 +60,17 @@ done
 curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null || {
     echo "broker did not become ready:"; cat "$work/broker.log"; exit 1; }
 
-# The publisher: what a PHP app does with $redis->publish('sse:demo', json_encode([...])).
-(
-    i=0
-    while [ "$i" -lt "$RUN_FOR" ]; do
-        i=$((i + 1))
-        .venv/bin/sse-broker publish demo "{\"tick\": $i, \"at\": \"$(date +%T)\"}" --event tick >/dev/null
-        sleep 1
-    done
-) &
+# The page: the live dashboard example, served as static files.
+.venv/bin/python -m http.server --bind 127.0.0.1 "$PAGE_PORT" --directory examples \
+    >"$work/http.log" 2>&1 &
+pids+=($!)
+echo "== live dashboard: open http://127.0.0.1:$PAGE_PORT/dashboard/?broker=http://127.0.0.1:$BROKER_PORT"
+
+# The publisher: what a PHP app does with $redis->publish('sse:orders', json_encode([...])).
+.venv/bin/python examples/dashboard/publisher.py --seconds "$RUN_FOR" --rate 2 >"$work/publisher.log" 2>&1 &
 pids+=($!)
 
-echo "== streaming GET /events?channel=demo for ${RUN_FOR}s (Ctrl-C to stop)"
+echo "== streaming GET /events?channel=orders&channel=metrics&channel=log for ${RUN_FOR}s (Ctrl-C to stop)"
 echo
-timeout "$RUN_FOR" curl -sN -H 'Accept: text/event-stream' "http://127.0.0.1:$BROKER_PORT/events?channel=demo" || true
+timeout "$RUN_FOR" curl -sN -H 'Accept: text/event-stream' \
+    "http://127.0.0.1:$BROKER_PORT/events?channel=orders&channel=metrics&channel=log" || true
