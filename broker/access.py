@@ -30,19 +30,22 @@ def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     return any(ip in net for net in trusted)
 
 
+def peer_is_trusted(request: web.Request, trusted: tuple[Network, ...]) -> bool:
+    """A proxy in ``server.trusted_proxies``, or a peer on a Unix socket (a local proxy)."""
+    transport = request.transport
+    local = transport is not None and transport.get_extra_info("peername") in ("", None)
+    return local or _is_trusted(request.remote or "", trusted)
+
+
 def client_ip(request: web.Request, trusted: tuple[Network, ...]) -> str:
     """The client's address: ``X-Forwarded-For`` is believed only from trusted proxies.
 
     Walking the header from the right, the first address that is not a
     trusted proxy is the client (what a client writes further left is not
-    trusted). A peer on a Unix socket is a local proxy, hence trusted.
+    trusted).
     """
     peer = request.remote or ""
-    local = request.transport is not None and request.transport.get_extra_info("peername") in (
-        "",
-        None,
-    )
-    if not (local or _is_trusted(peer, trusted)):
+    if not peer_is_trusted(request, trusted):
         return peer
     hops = [
         hop.strip()
@@ -56,8 +59,13 @@ def client_ip(request: web.Request, trusted: tuple[Network, ...]) -> str:
     return hops[0] if hops else peer
 
 
-def credentials(request: web.Request, cfg: Config, ip: str) -> Credentials:
-    """The request's credentials, first present wins: Bearer, ``?token=``, cookie."""
+def credentials(request: web.Request, cfg: Config, ip: str, *, via_proxy: bool) -> Credentials:
+    """The request's credentials, first present wins: Bearer, ``?token=``, cookie.
+
+    The forwarding headers passed on to an auth backend are believed only
+    ``via_proxy`` (a trusted peer): a client cannot choose the host or the
+    address the app sees.
+    """
     auth = cfg.auth
     authorization = request.headers.get("Authorization")
     token: str | None = None
@@ -76,10 +84,18 @@ def credentials(request: web.Request, cfg: Config, ip: str) -> Credentials:
         cookies=dict(request.cookies),
         client_ip=ip,
         host=request.headers.get("Host", ""),
-        forwarded_for=request.headers.get("X-Forwarded-For"),
-        forwarded_host=request.headers.get("X-Forwarded-Host"),
+        forwarded_for=_forwarded_for(request) if via_proxy else request.remote or None,
+        forwarded_host=request.headers.get("X-Forwarded-Host") if via_proxy else None,
         socket_id=request.query.get("socket_id") or None,
     )
+
+
+def _forwarded_for(request: web.Request) -> str | None:
+    """The chain the trusted proxy sent, plus that proxy (as a proxy would extend it)."""
+    chain = [h for h in request.headers.getall("X-Forwarded-For", ()) if h.strip()]
+    if request.remote:
+        chain.append(request.remote)
+    return ", ".join(chain) or None
 
 
 class Cors:

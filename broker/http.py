@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from broker import control, sse
-from broker.access import client_ip, credentials
+from broker.access import client_ip, credentials, peer_is_trusted
 from broker.app import Broker
 from broker.auth import Identity, authorize
 from broker.connection import Connection, tune_socket
@@ -94,7 +94,7 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     channels = requested_channels(request, cfg.limits.max_channels_per_connection)
     check_ready(broker)  # before auth: no callback to the app while we cannot serve
     ip = client_ip(request, broker.trusted)
-    creds = credentials(request, cfg, ip)
+    creds = credentials(request, cfg, ip, via_proxy=peer_is_trusted(request, broker.trusted))
     try:
         identity = await broker.auth.authenticate(creds, channels)
         authorize(identity, broker.public, channels, anonymous_may_log_in=cfg.auth.mode != "none")

@@ -7,6 +7,17 @@ import logging.config
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
+
+
+class DropMalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback quoting the raw
+    request line or headers — tokens and cookies included — and any client can
+    make it do so at will. The client already got its 400: drop the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,11 +43,13 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"main": formatter},
+        "filters": {"no_malformed": {"()": DropMalformedRequests}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "main",
                 "stream": "ext://sys.stderr",
+                "filters": ["no_malformed"],
             }
         },
         "root": {"level": level.upper(), "handlers": ["stderr"]},

@@ -9,6 +9,7 @@ redirects and malformed answers fail closed (503, retryable).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,8 @@ from broker.auth.grants import Grants, expand
 from broker.config import Config
 from broker.errors import Forbidden, Retryable, Unauthorized
 from broker.metrics import Metrics, Stats
+
+log = logging.getLogger(__name__)
 
 
 def unavailable(message: str) -> Retryable:
@@ -33,9 +36,8 @@ def forwarded_headers(creds: Credentials) -> dict[str, str]:
         headers["Cookie"] = creds.cookie_header
     if creds.authorization:
         headers["Authorization"] = creds.authorization
-    if creds.client_ip:
-        chain = [creds.forwarded_for, creds.client_ip] if creds.forwarded_for else [creds.client_ip]
-        headers["X-Forwarded-For"] = ", ".join(chain)
+    if creds.forwarded_for:
+        headers["X-Forwarded-For"] = creds.forwarded_for
     host = creds.forwarded_host or creds.host
     if host:
         headers["X-Forwarded-Host"] = host
@@ -87,14 +89,17 @@ class CallbackAuth(AppAuth[Identity]):
                 body = await resp.read() if status == 200 else b""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats.auth_calls["error"] += 1
-            raise unavailable(f"auth callback failed: {exc or type(exc).__name__}") from None
+            # The details (the app's address) are for the operator, not the client.
+            log.warning("auth callback failed: %s", exc or type(exc).__name__)
+            raise unavailable("the auth backend is unavailable") from None
         if status in (401, 403):
             self.stats.auth_calls["denied"] += 1
             error = Unauthorized if status == 401 else Forbidden
             raise error(f"the app denied access (auth callback answered {status})", code="denied")
         if status != 200:
             self.stats.auth_calls["error"] += 1
-            raise unavailable(f"auth callback answered {status}")
+            log.warning("auth callback answered %s", status)
+            raise unavailable("the auth backend is unavailable")
         self.stats.auth_calls["allowed"] += 1
         return self._identity(body)
 

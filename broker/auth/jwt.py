@@ -161,7 +161,13 @@ class JwtAuth:
                     audience=c.audience or None,
                     issuer=c.issuer or None,
                     leeway=c.leeway_seconds,
-                    options={"require": ["exp"], "verify_aud": bool(c.audience)},
+                    # verify_sub off: PyJWT >= 2.10 refuses an integer "sub",
+                    # which PHP apps send ('sub' => $user->id); _claim_id takes it.
+                    options={
+                        "require": ["exp"],
+                        "verify_aud": bool(c.audience),
+                        "verify_sub": False,
+                    },
                 )
                 return claims
             except jwt.InvalidSignatureError as exc:

@@ -14,6 +14,7 @@ Every other channel is public.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 from urllib.parse import unquote
 
@@ -27,6 +28,8 @@ from broker.auth.grants import Grants, escape_glob
 from broker.config import Config
 from broker.errors import Forbidden, Unauthorized
 from broker.metrics import Metrics, Stats
+
+log = logging.getLogger(__name__)
 
 PROTECTED = ("private-", "presence-")
 DENY = frozenset({401, 403, 419})
@@ -109,7 +112,8 @@ class LaravelAuth(AppAuth[str]):
                 body = await resp.read() if 200 <= status < 300 else b""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats.auth_calls["error"] += 1
-            raise unavailable(f"laravel auth failed: {exc or type(exc).__name__}") from None
+            log.warning("laravel auth failed: %s", exc or type(exc).__name__)
+            raise unavailable("the auth backend is unavailable") from None
         if 200 <= status < 300:
             self.stats.auth_calls["allowed"] += 1
             return _presence_user(body) or "", float(self.cfg.cache_ttl_seconds)
@@ -121,4 +125,5 @@ class LaravelAuth(AppAuth[str]):
                 f"the app refused the session for {channel!r} (answered {status})", code="denied"
             )
         self.stats.auth_calls["error"] += 1
-        raise unavailable(f"laravel auth answered {status}")
+        log.warning("laravel auth answered %s", status)
+        raise unavailable("the auth backend is unavailable")
