@@ -245,6 +245,7 @@ class Broker:
 
     def unregister(self, conn: Connection) -> None:
         self.heartbeats.remove(conn)
+        self.deadlines.forget(conn)
         self.hub.remove(conn)
         for counter, key in ((self.per_tenant, conn.tenant), (self.per_ip, conn.remote)):
             if key is not None:

@@ -10,27 +10,37 @@ without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import struct
 import time
 
 from broker.envelope import Event
 
 log = logging.getLogger(__name__)
 
+LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
 
-def tune_socket(transport: asyncio.BaseTransport, timeout_s: int) -> None:
+
+def tune_socket(transport: asyncio.BaseTransport, timeout_s: int, send_buffer: int) -> None:
     """Make a dead peer (a laptop lid closed, a route gone) fail the socket.
 
     TCP keepalive probes an idle connection; TCP_USER_TIMEOUT errors one whose
     sent data stays unacknowledged for ``timeout_s``. Either way the kernel
     reports the loss, the stream's handler ends and its memory and file
     descriptor come back.
+
+    The kernel send buffer is capped at ``send_buffer`` (``write_buffer_bytes``):
+    left to autotuning it grows to megabytes per socket on a fast link, which a
+    client that stops reading pins down in kernel memory that the slow-consumer
+    check (on the broker's own buffer) does not see.
     """
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, timeout_s)
@@ -134,12 +144,20 @@ class Connection:
         return transport.get_write_buffer_size()
 
     def finish(self, reason: str, *, abort: bool = False) -> None:
-        """Mark the stream over; the HTTP handler waiting on ``done`` ends the response."""
+        """Mark the stream over; the HTTP handler waiting on ``done`` ends the response.
+
+        ``abort`` resets the connection: unsent data is dropped at once, in the
+        kernel too (SO_LINGER 0), instead of lingering on a peer that never reads.
+        """
         if self.close_reason is not None:
             return
         self.close_reason = reason
         self.pending.clear()
         if abort:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             self.transport.abort()
         if not self.done.done():
             self.done.set_result(reason)

@@ -77,6 +77,10 @@ def requested_channels(request: web.Request, max_channels: int) -> tuple[str, ..
     return channels
 
 
+class ClientGone(Exception):
+    """The client hung up before its stream started."""
+
+
 def check_ready(broker: Broker) -> None:
     reason = broker.not_ready_reason()
     if reason is not None:
@@ -104,8 +108,8 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     broker.check_limits(identity.tenant, ip)
     transport = request.transport
     if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away before the stream started")
-    tune_socket(transport, cfg.sse.write_timeout_seconds)
+        raise ClientGone()
+    tune_socket(transport, cfg.sse.write_timeout_seconds, cfg.limits.write_buffer_bytes)
     conn = Connection(
         transport,
         chunked=request.version >= HttpVersion11,
@@ -132,6 +136,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     try:
         conn, identity = await admit(broker, request)
+    except ClientGone:
+        return web.Response(status=400)  # nobody reads it; no traceback for a hang-up
     except Retryable as exc:
         broker.stats.requests_refused[exc.code] += 1
         if wants_event_stream(request):
@@ -156,9 +162,11 @@ async def events(request: web.Request) -> web.StreamResponse:
         await write_backlog(resp, conn, preamble, frames, broker.cfg.limits.write_buffer_bytes)
         broker.hub.start(conn)
         await conn.done
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         conn.finish("client_closed")
         raise
+    except ConnectionError:  # the client hung up while the backlog was written
+        conn.finish("client_closed")
     finally:
         broker.unregister(conn)
         log_close(conn)

@@ -108,6 +108,7 @@ class Deadlines:
         self._counter = 0
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = math.inf
+        self._dead = 0  # closed connections whose entries are still in the heap
 
     def add(self, conn: Connection, when: float, reason: str) -> None:
         """Call ``fire(conn, reason)`` at loop time ``when`` unless ``conn`` closed first."""
@@ -115,6 +116,16 @@ class Deadlines:
         heapq.heappush(self._heap, (when, self._counter, conn, reason))
         if when < self._armed_for:
             self._arm()
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` closed: its entries are dead weight until they come due (up to
+        the maximum connection age). Past half the heap, drop them all at once
+        (amortized O(1) per closed connection)."""
+        self._dead += 1
+        if self._dead * 2 > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].closed]
+            heapq.heapify(self._heap)
+            self._dead = 0
 
     def _arm(self) -> None:
         if self._handle is not None:

@@ -185,9 +185,11 @@ class Server:
         slices = max(1, int(window / DRAIN_TICK))
         per_slice = max(1, math.ceil(len(conns) / slices))
         retry = self.cfg.sse.retry_ms
-        for start in range(0, len(conns), per_slice):
-            if start:
-                await asyncio.sleep(DRAIN_TICK)
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        for n, start in enumerate(range(0, len(conns), per_slice)):
+            # On a fixed schedule: the slices' own work must not stretch the window.
+            await asyncio.sleep(max(0.0, begin + n * DRAIN_TICK - loop.time()))
             for conn in conns[start : start + per_slice]:
                 if not conn.closed:
                     frame = control.reconnect_frame("drain", control.jitter(retry), hub.head)

@@ -110,6 +110,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def tcp_sockstat() -> dict[str, int]:
+    """Host-wide TCP counters of ``/proc/net/sockstat`` (``mem`` in KiB, not pages).
+
+    Kernel socket buffers are not in any process's RSS; this is where unsent
+    bytes queued to clients that do not read show up. Every TCP socket of
+    the network namespace counts, not only the bench's.
+    """
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            stats = {k: int(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
+            stats["mem"] *= PAGE_KIB
+            return stats
+    return {}
+
+
+def runq_wait_seconds(pid: int) -> float:
+    """Time ``pid`` spent runnable but waiting for a CPU (``/proc/<pid>/schedstat``).
+
+    On a shared machine this says how much of a slow result was the server
+    waiting for a core rather than working.
+    """
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -183,14 +211,27 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def ingested(self) -> int:
-        status, body = http_get(self.metrics_url)
+    def metrics(self, timeout: float = 2.0) -> dict[str, float]:
+        """Every sample of ``/metrics``: ``name`` or ``name{labels}`` -> value."""
+        status, body = http_get(self.metrics_url, timeout)
         if status != 200:
             raise BenchError(f"{self.kind} /metrics answered {status}")
+        samples = {}
         for line in body.decode().splitlines():
-            if line.startswith(self.ingest_metric + " "):
-                return int(float(line.split()[1]))
-        raise BenchError(f"{self.kind} /metrics has no {self.ingest_metric}")
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def metric(self, name: str, timeout: float = 2.0) -> float:
+        """One sample of ``/metrics`` (BenchError when absent)."""
+        value = self.metrics(timeout).get(name)
+        if value is None:
+            raise BenchError(f"{self.kind} /metrics has no {name}")
+        return value
+
+    def ingested(self) -> int:
+        return int(self.metric(self.ingest_metric))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -207,7 +248,10 @@ def start_server(
     deadline: Deadline,
     naive_mode: str,
     max_conn: int,
+    settings: Sequence[str] = (),
 ) -> Server:
+    """Start a server and wait until ready; ``settings`` are extra broker
+    ``--set key=value`` flags."""
     port = free_port()
     log = tmp / f"{kind}-{tag}.log"
     env = dict(os.environ)
@@ -220,6 +264,7 @@ def start_server(
             "--set", f"redis.url={redis_url}",
             "--set", f"limits.max_connections={max_conn}",
         ]  # fmt: skip
+        cmd = [*cmd, *(arg for kv in settings for arg in ("--set", kv))]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         base = f"http://127.0.0.1:{admin}"
         metric = "sse_broker_events_ingested_total"
@@ -298,6 +343,28 @@ class ClientPool:
         cmds = [("connect", s, channel, concurrency, timeout, track) for s in shares]
         return [r[1] for r in self._ask(cmds, timeout + 15)]
 
+    def resume(
+        self,
+        n: int,
+        channel: str,
+        *,
+        concurrency: int,
+        timeout: float,
+        reconnect: bool,
+        retry_ms: int = 3000,
+    ) -> list[dict[str, Any]]:
+        """Open ``n`` browser-like resuming streams (see ``loadclient``)."""
+        k = len(self.pipes)
+        shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        cmds = [("resume", s, channel, concurrency, timeout, reconnect, retry_ms) for s in shares]
+        return [r[1] for r in self._ask(cmds, timeout + 15)]
+
+    def status(self, timeout: float = 10) -> list[dict[str, Any]]:
+        return [r[1] for r in self._ask([("status",)] * len(self.pipes), timeout)]
+
+    def collect_resume(self, timeout: float = 30) -> list[dict[str, Any]]:
+        return [r[1] for r in self._ask([("collect_resume",)] * len(self.pipes), timeout)]
+
     def expect(self, count: int) -> None:
         self._ask([("expect", count)] * len(self.pipes), 10)
 
@@ -314,3 +381,27 @@ class ClientPool:
                 proc.join(2)
             if proc in STARTED:
                 STARTED.remove(proc)
+
+
+def open_stalled(
+    n: int, host: str, port: int, request: bytes, rcvbuf: int = 2048, timeout: float = 10
+) -> list[socket.socket]:
+    """``n`` clients that send their request and then never read a byte.
+
+    ``SO_RCVBUF`` is set before ``connect`` so the advertised window stays
+    tiny: the server's unsent bytes pile up at once. The caller closes them.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+            sock.sendall(request)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
