@@ -60,3 +60,31 @@ async def test_removed_connections_are_not_visited() -> None:
     finally:
         wheel.stop()
     assert keep in seen and drop not in seen
+
+
+async def test_deadlines_fire_in_order_and_forget_closed_connections() -> None:
+    from broker.scheduler import Deadlines
+
+    fired: list[tuple[int, str]] = []
+    conns = [Connection(_Transport(), chunked=True, channels=("c",)) for _ in range(10)]
+    index = {id(c): i for i, c in enumerate(conns)}
+    done = asyncio.Event()
+
+    def fire(conn: Connection, reason: str) -> None:
+        fired.append((index[id(conn)], reason))
+        if len(fired) == 4:
+            done.set()
+
+    deadlines = Deadlines(fire)
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    for i, conn in enumerate(conns):
+        deadlines.add(conn, now + 0.05 + (9 - i) * 0.01, "recycle")
+    # most of them close before their time: never fired, and dropped from the heap
+    for conn in conns[:6]:
+        conn.finish("client_closed")
+        deadlines.forget(conn)
+    assert len(deadlines) == 4
+    await asyncio.wait_for(done.wait(), 5)
+    assert fired == [(9, "recycle"), (8, "recycle"), (7, "recycle"), (6, "recycle")]
+    deadlines.stop()
