@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from broker.config import RedisConfig, read_config_file
@@ -85,8 +87,15 @@ class RedisTarget:
         return common
 
     def _sentinel(self) -> Sentinel:
+        # A sentinel that is down must cost one short timeout, not redis-py's
+        # default retries: the next sentinel is asked instead.
+        quick = {
+            "socket_timeout": 2.0,
+            "socket_connect_timeout": 1.0,
+            "retry": Retry(NoBackoff(), 0),
+        }
         return Sentinel(  # type: ignore[no-untyped-call]
-            list(self.sentinels), socket_timeout=2.0, **self._common()
+            list(self.sentinels), sentinel_kwargs=quick, socket_timeout=2.0, **self._common()
         )
 
     async def address(self) -> tuple[str, int]:

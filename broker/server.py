@@ -11,6 +11,7 @@ re-reads the configuration and applies what can change without a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
 DRAIN_TICK = 0.05  # seconds between two slices of drained streams
+INHERITED_WAIT_SECONDS = 5.0
 
 
 def bind(address: Listen) -> socket.socket:
@@ -44,6 +46,9 @@ def bind(address: Listen) -> socket.socket:
             os.unlink(address.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(address.path)
+        # Reachable by the proxy's user whatever our umask (systemd's UMask=0027
+        # would shut nginx out); who may get there is up to the directory.
+        os.chmod(address.path, 0o666)
     else:
         assert address.host is not None and address.port is not None
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -111,7 +116,16 @@ class Server:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         await self.broker.start()
-        for app, sock in self.listeners():
+        listeners = self.listeners()
+        # Admin first (public last): health checks answer while we wait below.
+        for app, sock in reversed(listeners):
+            if app is listeners[0][0] and "public" in self.sockets:
+                # An inherited socket (socket activation) keeps clients in the
+                # kernel backlog while we are away: keep them there until the
+                # subscription is up, rather than answering "not ready".
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(INHERITED_WAIT_SECONDS):
+                        await self.broker.subscribed_once.wait()
             runner = web.AppRunner(
                 app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
             )
@@ -120,10 +134,10 @@ class Server:
             # aiohttp calls listen() again with its own backlog (128 by default).
             site = web.SockSite(runner, sock, shutdown_timeout=1.0, backlog=LISTEN_BACKLOG)
             await site.start()
+        public = self.sockets.get("public")
         log.info(
-            "listening on %s%s (admin %s), mode %s, auth %s",
-            cfg.server.listen,
-            " (inherited socket)" if "public" in self.sockets else "",
+            "listening on %s (admin %s), mode %s, auth %s",
+            f"inherited socket {public.getsockname()!r}" if public else cfg.server.listen,
             self.admin_path or cfg.admin.listen or "disabled",
             cfg.ingest.mode,
             cfg.auth.mode,

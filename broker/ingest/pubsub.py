@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import cast
 
 import hiredis
+from redis.exceptions import RedisError
 
 from broker.redis_conn import RedisTarget
 
@@ -205,13 +206,16 @@ class PubSubIngest:
         while True:
             try:
                 proto = await asyncio.wait_for(self._connect(), self._connect_timeout)
-            except (OSError, TimeoutError, RedisReplyError) as exc:
+            except (OSError, TimeoutError, RedisReplyError, RedisError) as exc:
+                # RedisError: e.g. Sentinel knowing no master for a moment mid-failover.
                 log.warning(
                     "redis %s: subscribe failed (%s); retrying in about %.1fs",
                     self.target.describe(),
                     str(exc) or type(exc).__name__,
                     backoff,
                 )
+            except Exception:  # the ingest must outlive any surprise: log it, retry
+                log.exception("redis %s: subscribe failed unexpectedly", self.target.describe())
             else:
                 self._proto = proto
                 self.subscribed = True

@@ -136,6 +136,7 @@ class StreamIngest:
                 if self.position is None:
                     self.position = await self._start_position(client)
                     self._on_start(self.position)
+                await client.ping()  # connected means a round trip worked, not a client object
                 self.subscribed = True
                 self._on_state(True)
                 log.info("reading stream %s from %s", self.stream_key, self.position)
@@ -152,7 +153,7 @@ class StreamIngest:
                         self.position = raw_id.decode()
                         self._on_entry(self.position, fields)
                     await self._after_batch()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 log.warning(
                     "redis stream %s: read failed (%s); retrying in about %.1fs",
                     self.stream_key,
