@@ -19,7 +19,9 @@ from collections.abc import Coroutine
 from dataclasses import fields, replace
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
 
 from broker import control
 from broker.access import Cors, trusted_networks
@@ -102,6 +104,8 @@ class Broker:
         self.ingest: PubSubIngest | StreamIngest
         if self.stream_mode:
             self.ingest = StreamIngest(
+                # No silent retries: a dead connection must surface at once, so
+                # readiness tells the truth and the reader reconnects itself.
                 lambda: self.target.client(socket_keepalive=True),
                 cfg.ingest.stream_key,
                 self._on_stream_entry,
@@ -120,6 +124,9 @@ class Broker:
         self._ever_subscribed = False
         self._next_refusal_log = 0.0
         self.stalled = False
+        self.redis_away = False  # stream mode: the watchdog's probe failed
+        self._redis_down = False  # between losing Redis and having it back
+        self._probe: aioredis.Redis | None = None
         self.subscribed_once = asyncio.Event()  # set at the first subscription (READY=1)
         self._canary_pending: str | None = None
         self._canary_count = 0
@@ -274,7 +281,7 @@ class Broker:
         """None when ready to serve streams, else why not (for /readyz and refusals)."""
         if self.draining:
             return "draining"
-        if not self.ingest.subscribed:
+        if not self.ingest.subscribed or self.redis_away:
             return "redis_unavailable" if self._ever_subscribed else "starting"
         if self.stalled:
             return "ingest_stalled"
@@ -330,10 +337,29 @@ class Broker:
                 self.stalled = False
 
     async def _check_stream(self) -> None:
+        # Its own client, without redis-py's silent retries: a dead Redis shows
+        # here within one interval, while the blocked reader may not notice for
+        # seconds (its retries are what keeps it reading on without a hole).
+        if self._probe is None:
+            self._probe = self.target.client(
+                retry=Retry(NoBackoff(), 0), socket_timeout=2.0, socket_connect_timeout=1.0
+            )
         try:
-            info = await self.redis().xinfo_stream(self.cfg.ingest.stream_key)
-        except (RedisError, OSError):
-            return  # no stream yet, or Redis away (the reader notices that)
+            info = await self._probe.xinfo_stream(self.cfg.ingest.stream_key)
+        except ResponseError:
+            info = None  # Redis answers; there is just no stream (yet)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self.redis_away:
+                log.warning("redis unreachable from the stream watchdog: %s", exc)
+            self.redis_away = True
+            self._redis_seen(False)
+            return
+        if self.redis_away:
+            log.info("redis reachable again")
+        self.redis_away = False
+        self._redis_seen(True)
+        if info is None:
+            return
         last = stream_seq(bytes(info["last-generated-id"]).decode()) or 0
         position = self.hub.seq
         if last > position and position == self._checked_seq:
@@ -356,15 +382,24 @@ class Broker:
             self._ingest_task.cancel()
         self._ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
 
+    def _redis_seen(self, up: bool) -> None:
+        """Count a reconnect once per outage, whoever noticed it (the ingest, or in
+        stream mode the watchdog: the reader's client may ride out a short one)."""
+        if up and self._redis_down:
+            self.stats.redis_reconnects += 1
+        self._redis_down = not up
+
     def _on_ingest_state(self, up: bool) -> None:
         if not up:
+            self._checked_seq = -1  # progress is judged afresh after the outage
+            self._redis_seen(False)
             return
+        self.redis_away = False  # the ingest just made a round trip
+        self._redis_seen(True)
         self.subscribed_once.set()
-        if self._ever_subscribed:
-            self.stats.redis_reconnects += 1
-            if not self.stream_mode:  # a stream reader reads on: no hole
-                self.hub.skip()  # a position standing for the lost events
-                self._mark_gap("outage")
+        if self._ever_subscribed and not self.stream_mode:  # a stream reader reads on
+            self.hub.skip()  # a position standing for the events lost meanwhile
+            self._mark_gap("outage")
         self._ever_subscribed = True
 
     def _mark_gap(self, reason: str) -> None:
@@ -386,7 +421,7 @@ class Broker:
         return {
             "connections": len(self.hub.connections),
             "subscriptions": self.hub.subscriptions(),
-            "redis_connected": 1.0 if self.ingest.subscribed else 0.0,
+            "redis_connected": 1.0 if self.ingest.subscribed and not self.redis_away else 0.0,
             "ingest_stalled": 1.0 if self.stalled else 0.0,
             "history_events": self.history.events,
             "history_bytes": self.history.bytes,
@@ -465,6 +500,7 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ingest_task
             self._ingest_task = None
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._probe):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._probe = None

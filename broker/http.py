@@ -215,7 +215,7 @@ async def write_backlog(
 
 def log_close(conn: Connection) -> None:
     log.info(
-        "stream closed remote=%s channels=%d duration=%.1fs events=%d bytes=%d reason=%s "
+        "stream closed remote=%s channels=%d duration=%.1fs frames=%d bytes=%d reason=%s "
         "user=%s tenant=%s",
         conn.remote,
         len(conn.channels),

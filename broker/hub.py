@@ -256,14 +256,20 @@ class Hub:
                     continue
             else:
                 conn.stuck_since = None
-            if conn.wrote or conn.paused:
+            if conn.wrote or conn.paused or conn.pending:
                 conn.wrote = False
                 continue
             if conn.last_id != head:
                 conn.last_id = head
-                self.send(conn, sse.encode_id(head))
+                frame = sse.encode_id(head)
             else:
-                self.send(conn, sse.HEARTBEAT)
+                frame = sse.HEARTBEAT
+            # Written now, not queued: a heartbeat is not traffic, so it must
+            # not make the next visit think the stream was busy.
+            data = conn.wrap(frame)
+            self.stats.bytes_sent += len(data)
+            conn.write_now(data)
+            conn.wrote = False
 
     def end(self, conn: Connection, reason: str, frame: bytes | None = None) -> None:
         """Close ``conn`` on purpose: its pending frames and ``frame`` go out first."""

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import os
 import random
 import signal
@@ -196,18 +195,18 @@ class Server:
         window = self.cfg.shutdown.drain_seconds
         if conns:
             log.info("draining %d streams over %ss", len(conns), window)
-        slices = max(1, int(window / DRAIN_TICK))
-        per_slice = max(1, math.ceil(len(conns) / slices))
         retry = self.cfg.sse.retry_ms
         loop = asyncio.get_running_loop()
         begin = loop.time()
-        for n, start in enumerate(range(0, len(conns), per_slice)):
-            # On a fixed schedule: the slices' own work must not stretch the window.
-            await asyncio.sleep(max(0.0, begin + n * DRAIN_TICK - loop.time()))
-            for conn in conns[start : start + per_slice]:
-                if not conn.closed:
-                    frame = control.reconnect_frame("drain", control.jitter(retry), hub.head)
-                    hub.end(conn, "drain", frame)
+        for i, conn in enumerate(conns):
+            # Evenly over the window, on a fixed schedule (the closes' own work
+            # must not stretch it), in slices of at least DRAIN_TICK.
+            delay = begin + window * i / len(conns) - loop.time()
+            if delay >= DRAIN_TICK:
+                await asyncio.sleep(delay)
+            if not conn.closed:
+                frame = control.reconnect_frame("drain", control.jitter(retry), hub.head)
+                hub.end(conn, "drain", frame)
         # Let the stream handlers end their responses before the runners go.
         for _ in range(20):
             if not hub.connections:
