@@ -110,6 +110,68 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``: ``/proc/<pid>/task/*/children``, else a scan of ppids."""
+    kids: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids.extend(int(x) for x in (task / "children").read_text().split())
+        return kids
+    except OSError:  # no CONFIG_PROC_CHILDREN, or pid gone: the ppid field of every stat
+        pass
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a ``server.workers`` supervisor and its workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(children(p))
+    return pids
+
+
+def worker_admin_path(pid: int) -> str | None:
+    """A broker worker's private admin socket, from ``SSE_BROKER_WORKER`` in its environment."""
+    with contextlib.suppress(OSError):
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if item.startswith(b"SSE_BROKER_WORKER="):
+                return item.split(b"=", 1)[1].decode().split(":", 2)[2]
+    return None
+
+
+def unix_metrics(path: str, timeout: float = 2.0) -> dict[str, float]:
+    """``GET /metrics`` over a Unix socket (a worker's admin listener), parsed like
+    :meth:`Server.metrics`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise BenchError(f"worker {path} /metrics: {head[:80]!r}")
+    return parse_metrics(body)
+
+
+def parse_metrics(body: bytes) -> dict[str, float]:
+    """Every sample of a Prometheus exposition: ``name`` or ``name{labels}`` -> value."""
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -216,12 +278,7 @@ class Server:
         status, body = http_get(self.metrics_url, timeout)
         if status != 200:
             raise BenchError(f"{self.kind} /metrics answered {status}")
-        samples = {}
-        for line in body.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return parse_metrics(body)
 
     def metric(self, name: str, timeout: float = 2.0) -> float:
         """One sample of ``/metrics`` (BenchError when absent)."""

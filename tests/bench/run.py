@@ -1,13 +1,14 @@
 """Hot-path benchmark: the broker against a naive aiohttp broker, same machine, same run.
 
-    python tests/bench/run.py [--quick] [--only idle,fanout,ingest,soak,drain,stalled]
+    python tests/bench/run.py [--quick] [--only idle,fanout,ingest,soak,drain,stalled,workers]
                               [--json out.json]
 
 Starts its own redis-server, then for each scenario starts a fresh server
 (the real broker, then the naive baseline from ``naive.py``), loads it with
 the lean client of ``loadclient.py`` and prints one table of
 broker / naive ratios. The lifecycle scenarios (``soak``, ``drain``,
-``stalled``) run the broker alone and print their own tables. The machine is
+``stalled``) and ``workers`` (the fan-out against ``server.workers`` 1 and 2)
+run the broker alone and print their own tables. The machine is
 shared and noisy: compare ratios from one run, not absolute numbers across
 runs. See README.md in this folder.
 """
@@ -48,7 +49,10 @@ from procs import BenchError, ClientPool, Deadline, RedisServer, Server
 SERVERS = ("broker", "naive")
 COMPARED = ("idle", "fanout", "ingest")  # broker against the naive baseline
 LIFECYCLE = ("soak", "drain", "stalled")  # the broker alone
-SCENARIOS = COMPARED + LIFECYCLE
+EXTRA = ("workers",)  # the broker alone, server.workers = 1 against 2
+BROKER_ONLY = LIFECYCLE + EXTRA
+SCENARIOS = COMPARED + LIFECYCLE + EXTRA
+DEFAULT = SCENARIOS  # workers adds ~40 s full, ~25 s quick
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,11 @@ class Settings:
     # stalled: fast subscribers beside clients that never read
     stalled_seconds: float
     stalled_cap: float
+    # workers: the fan-out against server.workers = 1, then 2
+    workers_subs: int
+    workers_seconds: float
+    workers_cap: float
+    workers_rate: float = 50
     soak_age_seconds: int = 10  # sse.max_connection_age_seconds
     soak_generations: int = 5
     # Events/s on the channel meanwhile: 20k deliveries/s in both sizes (the
@@ -86,7 +95,12 @@ class Settings:
 
     def cap_for(self, scenarios: Sequence[str]) -> float:
         """The hard time cap of a run of ``scenarios``."""
-        caps = {"soak": self.soak_cap, "drain": self.drain_cap, "stalled": self.stalled_cap}
+        caps = {
+            "soak": self.soak_cap,
+            "drain": self.drain_cap,
+            "stalled": self.stalled_cap,
+            "workers": self.workers_cap,
+        }
         compared = self.cap_seconds if any(x in COMPARED for x in scenarios) else 0.0
         return compared + sum(caps.get(x, 0.0) for x in scenarios)
 
@@ -108,6 +122,9 @@ class Settings:
                 drain_cap=60,
                 stalled_seconds=8,
                 stalled_cap=90,
+                workers_subs=1000,
+                workers_seconds=8,
+                workers_cap=90,
             )
         return cls(
             idle_conns=5000,
@@ -123,6 +140,9 @@ class Settings:
             drain_cap=90,
             stalled_seconds=20,
             stalled_cap=150,
+            workers_subs=2000,
+            workers_seconds=15,
+            workers_cap=150,
         )
 
 
@@ -150,6 +170,7 @@ class Context:
             s.soak_conns,
             s.drain_conns,
             s.stalled_fast + s.stalled_slow,
+            s.workers_subs,
         )
         return procs.start_server(
             kind, self.redis.url, self.tmp, tag, self.deadline, self.naive_mode, max_conn, settings
@@ -246,71 +267,178 @@ def latency_summary(collected: list[dict[str, Any]], count: int) -> dict[str, fl
     }
 
 
-def fanout(ctx: Context, kind: str) -> dict[str, float | None]:
-    s = ctx.settings
-    server = ctx.server(kind, "fanout")
-    pool = None
+def fanout_measure(
+    ctx: Context,
+    server: Server,
+    pool: ClientPool,
+    subs_wanted: int,
+    rate: float,
+    seconds: float,
+    drain_seconds: float,
+    pids: Sequence[int] | None = None,
+) -> dict[str, float | None]:
+    """Open ``subs_wanted`` tracked streams on ``fan``, publish ``rate``/s for ``seconds``,
+    collect. Server CPU is summed over ``pids`` (default: the server process)."""
+    pids = list(pids) if pids else [server.pid]
+    kind = server.kind
+    results = pool.connect(
+        subs_wanted,
+        "fan",
+        concurrency=ctx.settings.connect_concurrency,
+        timeout=ctx.deadline.left(60),
+        track=True,
+    )
+    subs = sum(r["ok"] for r in results)
+    if subs < subs_wanted:
+        errors = [r["errors"] for r in results if r["errors"]]
+        why = f"only {subs}/{subs_wanted} subscribers connected: {errors}"
+        if not subs:
+            raise BenchError(why)
+        print(f"  {kind}: {why}", file=sys.stderr)
+    count = round(rate * seconds)
+    pool.expect(count)
+    time.sleep(0.5)
     publisher = redis.Redis(port=ctx.redis.port, socket_timeout=10)
     try:
-        pool = ctx.clients(s.fanout_subs, server)
-        results = pool.connect(
-            s.fanout_subs,
-            "fan",
-            concurrency=s.connect_concurrency,
-            timeout=ctx.deadline.left(60),
-            track=True,
-        )
-        subs = sum(r["ok"] for r in results)
-        if subs < s.fanout_subs:
-            errors = [r["errors"] for r in results if r["errors"]]
-            why = f"only {subs}/{s.fanout_subs} subscribers connected: {errors}"
-            if not subs:
-                raise BenchError(why)
-            print(f"  {kind}: {why}", file=sys.stderr)
-        count = round(s.fanout_rate * s.fanout_seconds)
-        pool.expect(count)
-        time.sleep(0.5)
-        cpu0 = procs.cpu_seconds(server.pid)
+        cpu0 = sum(procs.cpu_seconds(p) for p in pids)
         first_ns = time.time_ns()
         t0 = time.monotonic()
         for i in range(count):
             ctx.deadline.check("fan-out publishing")
-            delay = t0 + i / s.fanout_rate - time.monotonic()
+            delay = t0 + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             payload = orjson.dumps({"data": f"{i + 1}:{time.time_ns()}"})
             publisher.publish("sse:fan", payload)
         publish_seconds = time.monotonic() - t0
-        collected = pool.collect(ctx.deadline.left(s.drain_seconds))
-        cpu1 = procs.cpu_seconds(server.pid)
-        latency = latency_summary(collected, count)
-        received = sum(r["received_total"] for r in collected)
-        last_ns = max(r["last_receive_ns"] for r in collected)
-        span = (last_ns - first_ns) / 1e9 if last_ns else 0.0
-        expected = subs * count
-        client_cpu = sum(r["cpu_seconds"] for r in collected)
-        return {
-            "subscribers": subs,
-            "events_published": count,
-            "publish_seconds": publish_seconds,
-            **latency,
-            "delivered_per_s": received / span if span > 0 else None,
-            "target_per_s": subs * s.fanout_rate,
-            "expected": expected,
-            "received": received,
-            "missing_after_drain": sum(r["missing_total"] for r in collected),
-            "gaps": sum(r["gaps_total"] for r in collected),
-            "out_of_order": sum(r["disorder_total"] for r in collected),
-            "streams_dropped": sum(r["dropped"] for r in collected),
-            "incomplete_streams": subs - sum(r["complete_streams"] for r in collected),
-            "cpu_us_per_delivery": (cpu1 - cpu0) * 1e6 / received if received else None,
-            "client_cpu_us_per_delivery": client_cpu * 1e6 / received if received else None,
-        }
     finally:
         publisher.close()
+    collected = pool.collect(ctx.deadline.left(drain_seconds))
+    cpu1 = sum(procs.cpu_seconds(p) for p in pids)
+    wall = time.monotonic() - t0
+    latency = latency_summary(collected, count)
+    received = sum(r["received_total"] for r in collected)
+    last_ns = max(r["last_receive_ns"] for r in collected)
+    span = (last_ns - first_ns) / 1e9 if last_ns else 0.0
+    expected = subs * count
+    client_cpu = sum(r["cpu_seconds"] for r in collected)
+    return {
+        "subscribers": subs,
+        "events_published": count,
+        "publish_seconds": publish_seconds,
+        **latency,
+        "delivered_per_s": received / span if span > 0 else None,
+        "target_per_s": subs * rate,
+        "expected": expected,
+        "received": received,
+        "missing_after_drain": sum(r["missing_total"] for r in collected),
+        "gaps": sum(r["gaps_total"] for r in collected),
+        "out_of_order": sum(r["disorder_total"] for r in collected),
+        "streams_dropped": sum(r["dropped"] for r in collected),
+        "incomplete_streams": subs - sum(r["complete_streams"] for r in collected),
+        "cpu_seconds": cpu1 - cpu0,
+        "cpu_pct": (cpu1 - cpu0) * 100 / wall if wall > 0 else None,
+        "cpu_us_per_delivery": (cpu1 - cpu0) * 1e6 / received if received else None,
+        "client_cpu_us_per_delivery": client_cpu * 1e6 / received if received else None,
+    }
+
+
+def fanout(ctx: Context, kind: str) -> dict[str, float | None]:
+    s = ctx.settings
+    server = ctx.server(kind, "fanout")
+    pool = None
+    try:
+        pool = ctx.clients(s.fanout_subs, server)
+        return fanout_measure(
+            ctx, server, pool, s.fanout_subs, s.fanout_rate, s.fanout_seconds, s.drain_seconds
+        )
+    finally:
         if pool is not None:
             pool.close()
         server.stop()
+
+
+# -- (g) workers: the same fan-out, server.workers = 1 then 2 -------------------------------
+
+
+class TreeRss(threading.Thread):
+    """Every 200 ms: the summed RSS of a process and its descendants; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_kib = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            total = 0
+            for p in procs.tree(self.pid):
+                with contextlib.suppress(OSError, BenchError):
+                    total += procs.rss_kib(p)
+            self.peak_kib = max(self.peak_kib, total)
+            self.stop.wait(0.2)
+
+
+def workers_run(ctx: Context, n: int) -> dict[str, Any]:
+    """One fan-out run against ``server.workers = n`` (n = 1: the plain single process)."""
+    s = ctx.settings
+    server = ctx.server("broker", f"workers{n}", (f"server.workers={n}",))
+    pool = None
+    sampler = TreeRss(server.pid)
+    try:
+        pids = procs.tree(server.pid)
+        workers = [p for p in pids if p != server.pid] if n > 1 else [server.pid]
+        if len(workers) != n:
+            raise BenchError(f"workers={n}: found {len(workers)} worker processes ({pids})")
+        sampler.start()
+        pool = ctx.clients(s.workers_subs, server)
+        result: dict[str, Any] = dict(
+            fanout_measure(
+                ctx,
+                server,
+                pool,
+                s.workers_subs,
+                s.workers_rate,
+                s.workers_seconds,
+                s.drain_seconds,
+                pids,
+            )
+        )
+        # Streams still open (the clients have not closed yet): per worker, and summed.
+        per_worker = []
+        for pid in workers:
+            path = procs.worker_admin_path(pid) if n > 1 else None
+            m = procs.unix_metrics(path) if path else server.metrics()
+            per_worker.append(int(m.get("sse_broker_connections", -1)))
+        result["streams_per_worker"] = per_worker
+        result["streams_metric"] = server.metric("sse_broker_connections")
+        result["processes"] = len(pids)
+        result["rss_end_kib"] = sum(procs.rss_kib(p) for p in pids)
+        sampler.stop.set()
+        sampler.join(1)
+        result["rss_peak_kib"] = sampler.peak_kib
+        result["log_problems"] = log_problems(server.log)
+        if not server.alive() or sorted(procs.tree(server.pid)) != sorted(pids):
+            raise BenchError(f"workers={n}: a process died or restarted; see {server.log}")
+        return result
+    finally:
+        sampler.stop.set()
+        if pool is not None:
+            pool.close()
+        server.stop()
+
+
+def workers(ctx: Context, kind: str) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for n in (1, 2):
+        print(f"  server.workers={n} ...", file=sys.stderr, flush=True)
+        try:
+            runs[str(n)] = workers_run(ctx, n)
+        except (BenchError, OSError, redis.RedisError) as exc:
+            runs[str(n)] = {"error": str(exc)}
+            print(f"  failed: {exc}", file=sys.stderr)
+    return runs
 
 
 # -- (c) ingest rate ------------------------------------------------------------------
@@ -1302,6 +1430,59 @@ def print_stalled(r: dict[str, Any], s: Settings) -> None:
     print(f"  {'slow closes so far':>16}: " + " ".join(f"{v:5d}" for v in closes))
 
 
+def print_workers(r: dict[str, Any], s: Settings) -> None:
+    one, two = r.get("1", {}), r.get("2", {})
+    rows = [
+        ("subscribers", "subscribers (one channel)", ""),
+        ("events_published", "events published", ""),
+        ("target_per_s", "target deliveries/s", ""),
+        ("delivered_per_s", "delivered events/s", "higher"),
+        ("p50_ms", "publish->receive p50 ms", "lower"),
+        ("p99_ms", "publish->receive p99 ms", "lower"),
+        ("max_ms", "publish->receive max ms", "lower"),
+        ("first_p99_ms", "first subscriber's latency p99 ms", "lower"),
+        ("spread_p99_ms", "first-to-last spread p99 ms", "lower"),
+        ("processes", "server processes (supervisor + workers)", ""),
+        ("cpu_seconds", "server CPU s, all processes", ""),
+        ("cpu_pct", "server CPU %, all processes (200 = both cores)", ""),
+        ("cpu_us_per_delivery", "server CPU us per delivery", "lower"),
+        ("client_cpu_us_per_delivery", "load-client CPU us per delivery", ""),
+        ("rss_peak_kib", "server RSS sum, peak KiB", "lower"),
+        ("rss_end_kib", "server RSS sum, end KiB", "lower"),
+        ("streams_per_worker", "streams per worker (worker /metrics)", ""),
+        ("streams_metric", "streams, admin /metrics (summed)", ""),
+        ("missing_after_drain", "events missing after drain", "lower"),
+        ("gaps", "gaps (lost mid-stream)", "lower"),
+        ("out_of_order", "out of order / duplicate", "lower"),
+        ("streams_dropped", "streams closed by the broker", "lower"),
+        ("incomplete_streams", "streams incomplete at the end", "lower"),
+        ("log_problems", "broker log ERROR lines", "lower"),
+    ]
+
+    def cell(run: dict[str, Any], key: str) -> str:
+        v = run.get(key)
+        return "/".join(f"{x:,}" for x in v) if isinstance(v, list) else fmt(v)
+
+    body = []
+    for key, label, better in rows:
+        a, b = one.get(key), two.get(key)
+        row = Row("workers", label, better, {"broker": b, "naive": a})
+        numeric = isinstance(a, int | float) and isinstance(b, int | float)
+        rat, win = ratio(row) if numeric else ("-", "")
+        win = {"broker": "2 workers", "naive": "1 worker"}.get(win, win)
+        body.append(("workers", label, cell(one, key), cell(two, key), rat, win))
+    print_grid(("workers", "metric", "workers=1", "workers=2", "ratio 2/1", "better"), body)
+    print(
+        f"{s.workers_subs:,} subscribers, {s.workers_rate:g} events/s for "
+        f"{s.workers_seconds:g} s; load clients, redis and the broker share "
+        f"{len(os.sched_getaffinity(0))} cores"
+    )
+    for key, label in (("delivered_per_s", "throughput"), ("p99_ms", "p99 latency")):
+        a, b = one.get(key), two.get(key)
+        if a and b:
+            print(f"2 workers / 1 worker, {label}: {b / a:.2f}")
+
+
 def machine_info(redis_version: str, naive_mode: str) -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
@@ -1344,7 +1525,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="keep redis and server logs in a new folder under this one"
     )
     args = parser.parse_args(argv)
-    scenarios = [x for x in args.only.split(",") if x] or list(SCENARIOS)
+    scenarios = [x for x in args.only.split(",") if x] or list(DEFAULT)
     servers = [x for x in args.servers.split(",") if x]
     for name in scenarios:
         if name not in SCENARIOS:
@@ -1383,6 +1564,7 @@ def main(argv: list[str] | None = None) -> int:
         "soak": soak,
         "drain": drain,
         "stalled": stalled,
+        "workers": workers,
     }
     raw: dict[str, dict[str, dict[str, Any]]] = {}
     errors: list[str] = []
@@ -1409,7 +1591,7 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in scenarios:
                 raw[scenario] = {}
                 kinds = servers
-                if scenario in LIFECYCLE:
+                if scenario in BROKER_ONLY:
                     kinds = [k for k in servers if k == "broker"]
                     if not kinds:
                         errors.append(f"{scenario}: skipped, it runs the broker only")
@@ -1445,12 +1627,20 @@ def main(argv: list[str] | None = None) -> int:
                 "ingest/naive is a standalone redis-py PubSub.listen() reader doing the naive "
                 "server's per-message work (decode + frame), not a server counter"
             )
-    printers = {"soak": print_soak, "drain": print_drain, "stalled": print_stalled}
+    printers = {
+        "soak": print_soak,
+        "drain": print_drain,
+        "stalled": print_stalled,
+        "workers": print_workers,
+    }
     for scenario in scenarios:
         result = raw.get(scenario, {}).get("broker")
         if scenario in printers and result is not None:
             print()
             printers[scenario](result, settings)
+    for n, run in raw.get("workers", {}).get("broker", {}).items():
+        if "error" in run:
+            errors.append(f"workers/server.workers={n}: {run['error']}")
     print(f"\ntotal {time.monotonic() - started:.0f}s")
     for err in errors:
         print(f"ERROR {err}")
