@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from sse_client import SSEClient, SSEStream
+from yarl import URL
 
 T = TypeVar("T")
 
@@ -147,3 +151,35 @@ def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) 
         if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
     ]
     return sum(matches) if matches else None
+
+
+# -- HTTP against a broker -------------------------------------------------------------
+
+
+async def get(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any, Any]:
+    """(status, JSON body — raw bytes if not JSON, None for a 200 stream — and headers)
+    of a plain GET; the URL is sent as given (already encoded)."""
+    async with http.get(
+        URL(url, encoded=True), headers=headers, timeout=aiohttp.ClientTimeout(total=15)
+    ) as resp:
+        if resp.status == 200 and resp.content_type == "text/event-stream":
+            return 200, None, resp.headers
+        body = await resp.read()
+        try:
+            return resp.status, orjson.loads(body), resp.headers
+        except orjson.JSONDecodeError:
+            return resp.status, body, resp.headers
+
+
+@contextlib.asynccontextmanager
+async def stream(
+    broker: Any, *channels: str, headers: dict[str, str] | None = None, **params: str
+) -> AsyncIterator[SSEStream]:
+    """A 200 stream of ``broker`` (a conftest ``BrokerProcess``), returned once its
+    preamble arrived: from then on it is registered and misses nothing."""
+    async with SSEClient.connect(broker.events_url(*channels, **params), headers=headers) as s:
+        assert s.status == 200, await s.text()
+        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
+        yield s

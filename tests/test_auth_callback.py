@@ -10,7 +10,6 @@ a well-formed 200/401/403 fails closed (503, retryable), never open.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import BrokerProcess, StartBroker, free_port
-from helpers import envelope, eventually, publish
-from sse_client import SSEClient, SSEStream
+from helpers import envelope, eventually, get, publish, stream
+from sse_client import SSEClient
 
 # -- the fake app --------------------------------------------------------------------------
 
@@ -122,26 +121,6 @@ async def callback_broker(start_broker: StartBroker, app: FakeApp, *sets: str) -
 def session(value: str, **extra: str) -> dict[str, str]:
     cookies = {"laravel_session": value, **extra}
     return {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())}
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, Any, Any]:
-    """(status, JSON body or None for a 200 stream, headers) of a plain GET."""
-    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=15)) as resp:
-        if resp.status == 200 and resp.content_type == "text/event-stream":
-            return 200, None, resp.headers
-        return resp.status, orjson.loads(await resp.read()), resp.headers
-
-
-@contextlib.asynccontextmanager
-async def stream(
-    broker: BrokerProcess, *channels: str, headers: dict[str, str] | None = None
-) -> AsyncIterator[SSEStream]:
-    async with SSEClient.connect(broker.events_url(*channels), headers=headers) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
-        yield s
 
 
 async def soft_refusal(broker: BrokerProcess, headers: dict[str, str], *channels: str) -> Any:

@@ -9,7 +9,6 @@ reach the broker's log.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -19,21 +18,18 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jwt
-import orjson
 from conftest import REPO_ROOT, BrokerProcess, StartBroker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from helpers import envelope, publish
+from helpers import envelope, get, publish, stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sse_client import SSEClient, SSEStream
-from yarl import URL
+from sse_client import SSEClient
 
 SECRET = "jwt-test-secret-" + "0123456789abcdef" * 4
 SECRET2 = "jwt-test-rotated-" + "fedcba9876543210" * 4
@@ -79,37 +75,6 @@ def pem(private: Any) -> str:
 
 async def jwt_broker(start_broker: StartBroker, *sets: str) -> BrokerProcess:
     return await start_broker("auth.mode=jwt", f"auth.jwt.secret={SECRET}", *sets)
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, Any, Any]:
-    """(status, JSON body or None for a stream, headers) of a plain GET."""
-    async with http.get(
-        URL(url, encoded=True), headers=headers, timeout=aiohttp.ClientTimeout(total=10)
-    ) as resp:
-        if resp.status == 200 and resp.content_type == "text/event-stream":
-            return 200, None, resp.headers
-        body = await resp.read()
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = body
-        return resp.status, doc, resp.headers
-
-
-@contextlib.asynccontextmanager
-async def stream(
-    broker: BrokerProcess,
-    *channels: str,
-    headers: dict[str, str] | None = None,
-    **params: str,
-) -> AsyncIterator[SSEStream]:
-    """A 200 stream, returned once registered (its preamble arrived)."""
-    async with SSEClient.connect(broker.events_url(*channels, **params), headers=headers) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
-        yield s
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -18,7 +18,6 @@ end-to-end test, which runs the shipped example config
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import REPO_ROOT, BrokerProcess, RedisServer, StartBroker, free_port
-from helpers import envelope, eventually, publish
+from helpers import envelope, eventually, get, publish, stream
 from sse_client import SSEClient, SSEStream
 
 AUTH_PATH = "/broadcasting/auth"
@@ -166,29 +165,6 @@ def browser(session: str | None, *, xsrf: str | None = None, **extra: str) -> di
         cookies["XSRF-TOKEN"] = quote(token, safe="")
     cookies.update(extra)
     return {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, Any, Any]:
-    """(status, JSON body or None for a 200 stream, headers) of a plain GET (no event-stream)."""
-    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=15)) as resp:
-        if resp.status == 200 and resp.content_type == "text/event-stream":
-            return 200, None, resp.headers
-        return resp.status, orjson.loads(await resp.read()), resp.headers
-
-
-@contextlib.asynccontextmanager
-async def stream(
-    broker: BrokerProcess,
-    *channels: str,
-    headers: dict[str, str] | None = None,
-    **params: str,
-) -> AsyncIterator[SSEStream]:
-    async with SSEClient.connect(broker.events_url(*channels, **params), headers=headers) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
-        yield s
 
 
 async def event_source_status(

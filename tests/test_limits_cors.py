@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,7 +21,7 @@ import jwt
 import orjson
 import pytest
 from conftest import BrokerProcess, StartBroker
-from helpers import envelope, eventually, publish
+from helpers import envelope, eventually, get, publish, stream
 from sse_client import SSEClient, SSEStream
 
 SECRET = "limits-test-secret-" + "0123456789abcdef" * 4
@@ -39,26 +38,6 @@ def token(user: str | None = "u1", tenant: str | None = None, channels: Any = ("
 
 def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, Any, Any]:
-    """(status, JSON body or None for a 200 stream, headers) of a plain GET."""
-    async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-        if resp.status == 200 and resp.content_type == "text/event-stream":
-            return 200, None, resp.headers
-        return resp.status, orjson.loads(await resp.read()), resp.headers
-
-
-@contextlib.asynccontextmanager
-async def stream(
-    broker: BrokerProcess, *channels: str, headers: dict[str, str] | None = None
-) -> AsyncIterator[SSEStream]:
-    async with SSEClient.connect(broker.events_url(*channels), headers=headers) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
-        yield s
 
 
 async def refused_429(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> None:

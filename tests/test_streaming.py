@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
-from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 import pytest
 from conftest import BrokerProcess, RedisServer, StartBroker
-from helpers import envelope, eventually, publish
-from sse_client import SSEClient, SSEStream
+from helpers import envelope, eventually, publish, stream
+from sse_client import SSEClient
 
 ID_RE = re.compile(r"^(\d+)-(\d+)$")
-
-
-@contextlib.asynccontextmanager
-async def stream(
-    broker: BrokerProcess, *channels: str, headers: dict[str, str] | None = None
-) -> AsyncIterator[SSEStream]:
-    """An open stream, returned once its preamble arrived (from then on it is registered)."""
-    async with SSEClient.connect(broker.events_url(*channels), headers=headers) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
-        yield s
 
 
 def seq_of(event_id: str) -> tuple[int, int]:
