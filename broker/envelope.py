@@ -114,13 +114,6 @@ def _event_name(value: Any) -> str:
     return value
 
 
-def data_text(value: Any) -> str:
-    """Payload text as clients see it: strings verbatim, anything else compact JSON."""
-    if isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode()
-
-
 def from_fields(channel: str, fields: dict[str, Any]) -> Event:
     """Validate envelope fields (already parsed JSON) into an Event."""
     event = _event_name(fields["event"]) if fields.get("event") is not None else "message"

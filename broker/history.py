@@ -174,10 +174,6 @@ class History:
             return runs[0]
         return list(heapq.merge(*runs, key=_seq))
 
-    def oldest_seq(self, channel: str) -> int | None:
-        log = self._logs.get(channel)
-        return log.entries[0].seq if log else None
-
 
 def _seq(pub: Published) -> int:
     return pub.seq

@@ -120,9 +120,6 @@ class Hub:
     def subscriptions(self) -> int:
         return sum(len(subs) for subs in self._by_channel.values())
 
-    def has_subscribers(self, channel: str) -> bool:
-        return channel in self._by_channel
-
     # -- the hot path -----------------------------------------------------------
 
     def publish(self, event: Event, position: tuple[int, str] | None = None) -> Published:
@@ -216,20 +213,22 @@ class Hub:
             self.metrics.publish_latency.observe(max(0.0, latency))
             self._batch_started = None
         limit = self.write_buffer_bytes
-        sent = 0
         for conn in dirty:
-            pending = conn.pending
-            if not pending or conn.paused or conn.closed:
-                continue
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            conn.events_sent += len(pending)
-            pending.clear()
-            sent += len(data)
-            if conn.write_now(data) > limit:
+            if self._write_pending(conn) > limit:
                 log.debug("slow consumer %s: write buffer over %d bytes", conn.remote, limit)
                 self.stats.slow_consumers += 1
                 conn.finish("slow_consumer", abort=True)
-        self.stats.bytes_sent += sent
+
+    def _write_pending(self, conn: Connection) -> int:
+        """Write ``conn``'s pending frames in one call; its transport's buffered bytes after."""
+        pending = conn.pending
+        if not pending or conn.paused or conn.closed:
+            return 0
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        conn.events_sent += len(pending)
+        pending.clear()
+        self.stats.bytes_sent += len(data)
+        return conn.write_now(data)
 
     # -- shared timers ------------------------------------------------------------
 
@@ -275,16 +274,5 @@ class Hub:
         """Close ``conn`` on purpose: its pending frames and ``frame`` go out first."""
         if frame is not None:
             self.send(conn, frame)
-        self.flush_one(conn)
+        self._write_pending(conn)
         conn.finish(reason)
-
-    def close_all(self, reason: str, frame: bytes | None = None) -> None:
-        for conn in list(self.connections):
-            self.end(conn, reason, frame)
-
-    def flush_one(self, conn: Connection) -> None:
-        if conn.pending and not conn.closed and not conn.paused:
-            data = b"".join(conn.pending)
-            conn.pending.clear()
-            self.stats.bytes_sent += len(data)
-            conn.write_now(data)

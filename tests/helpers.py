@@ -175,11 +175,23 @@ async def get(
 
 @contextlib.asynccontextmanager
 async def stream(
-    broker: Any, *channels: str, headers: dict[str, str] | None = None, **params: str
+    broker: Any,
+    *channels: str,
+    headers: dict[str, str] | None = None,
+    last_event_id: str | None = None,
+    **params: str,
 ) -> AsyncIterator[SSEStream]:
     """A 200 stream of ``broker`` (a conftest ``BrokerProcess``), returned once its
-    preamble arrived: from then on it is registered and misses nothing."""
-    async with SSEClient.connect(broker.events_url(*channels, **params), headers=headers) as s:
+    preamble arrived: from then on it is registered and misses nothing. A fresh
+    stream is also past its ``id: <head>`` block then (same write)."""
+    url = broker.events_url(*channels, **params)
+    async with SSEClient.connect(url, headers=headers, last_event_id=last_event_id) as s:
         assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
+        await s.wait_for(
+            lambda st: (
+                "ok" in st.parser.comments
+                and (last_event_id is not None or st.parser.last_event_id != "")
+            ),
+            what="the preamble",
+        )
         yield s

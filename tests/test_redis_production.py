@@ -35,8 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import envelope, eventually, publish
-from sse_client import SSEClient, SSEStream
+from helpers import envelope, eventually, publish, stream
 
 MASTER = "mymaster"
 PUBLISH_KEY = "redis-prod-publish-key-0123456789"
@@ -154,17 +153,6 @@ async def client(port: int, **kwargs: object) -> AsyncIterator[aioredis.Redis]:
         await c.aclose()
 
 
-@contextlib.asynccontextmanager
-async def open_stream(
-    broker: BrokerProcess, *channels: str, last_event_id: str | None = None
-) -> AsyncIterator[SSEStream]:
-    url = broker.events_url(*channels)
-    async with SSEClient.connect(url, last_event_id=last_event_id) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: "ok" in st.parser.comments, what="the preamble")
-        yield s
-
-
 async def wait_log(broker: BrokerProcess, pattern: str, timeout: float = 10) -> str:
     return await eventually(
         lambda: asyncio.sleep(0, broker.log_path.read_text(errors="replace")),
@@ -249,7 +237,7 @@ async def test_sentinel_failover_pubsub_resets_open_streams_and_delivers_again(
         rf"subscribed to sse:\* on sentinel {MASTER}@{LOOPBACK}:{setup.sentinel.port}/0",
         broker.log_text(),
     ), broker.log_text()
-    async with client(setup.master.port) as master, open_stream(broker, "news") as s:
+    async with client(setup.master.port) as master, stream(broker, "news") as s:
         await publish(master, "news", envelope("before"))
         before = await s.next_event()
         assert before.data == "before"
@@ -266,7 +254,7 @@ async def test_sentinel_failover_pubsub_resets_open_streams_and_delivers_again(
             after = await s.next_event(timeout=5)
             assert after.data == "after"
             # A resume from before the failover cannot be exact in pub/sub mode.
-            async with open_stream(broker, "news", last_event_id=before.last_event_id) as r:
+            async with stream(broker, "news", last_event_id=before.last_event_id) as r:
                 first = await r.next_event()
                 assert (first.type, first.json()["reason"]) == ("broker.reset", "outage")
     # The command client (canary, /publish) follows too: the ingest is not
@@ -294,7 +282,7 @@ async def test_sentinel_without_a_master_for_a_while_the_broker_keeps_asking(
     sentinel = procs.sentinel("sentinel", master.port)
     setup = SentinelSetup(master, master, sentinel, free_port())
     broker = await start_broker(*setup.broker_sets())
-    async with open_stream(broker, "news") as s:
+    async with stream(broker, "news") as s:
         master.kill()
         async with client(sentinel.port, decode_responses=True) as sc:
             await eventually(
@@ -346,7 +334,7 @@ async def test_sentinel_failover_stream_mode_resume_is_exact(
     sets = (*setup.broker_sets(), "ingest.mode=stream")
     broker = await start_broker(*sets)
     ids = []
-    async with client(setup.master.port) as master, open_stream(broker, "news") as s:
+    async with client(setup.master.port) as master, stream(broker, "news") as s:
         for i in range(1, 5):
             ids.append(
                 (await master.xadd("sse:stream", {"channel": "news", "data": f"e{i}"})).decode()
@@ -370,7 +358,7 @@ async def test_sentinel_failover_stream_mode_resume_is_exact(
             # failover (its history comes from the new master): exactly e3..e5.
             fresh = await start_broker(*sets)
             for b in (broker, fresh):
-                async with open_stream(b, "news", last_event_id=ids[1]) as r:
+                async with stream(b, "news", last_event_id=ids[1]) as r:
                     got = await r.events(3)
                     assert [(e.data, e.last_event_id) for e in got] == [
                         ("e3", ids[2]),
@@ -560,7 +548,7 @@ async def test_tls_streams_events_and_publishes(
     assert f"on rediss://{LOOPBACK}:{server.port}/0" in broker.log_text()
     redis = tls_client(server, pki)
     try:
-        async with open_stream(broker, "news") as s:
+        async with stream(broker, "news") as s:
             await publish(redis, "news", envelope("over tls"))
             assert (await s.next_event()).data == "over tls"
             # POST /publish goes out through the broker's own TLS command client.
@@ -600,7 +588,7 @@ async def test_mutual_tls_in_stream_mode(start_broker: StartBroker, procs: Procs
     )
     redis = tls_client(server, pki, cert=True)
     try:
-        async with open_stream(broker, "news") as s:
+        async with stream(broker, "news") as s:
             await redis.xadd("sse:stream", {"channel": "news", "data": "mtls"})
             assert (await s.next_event()).data == "mtls"
     finally:
@@ -635,7 +623,7 @@ async def test_acl_user_password_in_the_url(
     broker = await start_broker(f"redis.url=redis://app:secret@{LOOPBACK}:{port}/0")
     async with (
         client(port, username="app", password="secret", decode_responses=True) as app,
-        open_stream(broker, "news") as s,
+        stream(broker, "news") as s,
     ):
         await publish(app, "news", envelope("as app"))
         assert (await s.next_event()).data == "as app"
@@ -672,7 +660,7 @@ async def test_password_file(
     )
     async with (
         client(acl_redis.port, username="app", password="secret") as app,
-        open_stream(broker, "news") as s,
+        stream(broker, "news") as s,
     ):
         await publish(app, "news", envelope("password from a file"))
         assert (await s.next_event()).data == "password from a file"

@@ -11,36 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from conftest import BrokerProcess, RedisServer, StartBroker
-from helpers import eventually, publish
+from helpers import eventually, publish, stream
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis_proxy import RedisProxy
-from sse_client import SSEClient, SSEEvent, SSEStream, SSEStreamClosed
+from sse_client import SSEEvent, SSEStream, SSEStreamClosed
 
 STREAM_KEY = "sse:stream"
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def open_stream(
-    broker: BrokerProcess, *channels: str, last_event_id: str | None = None
-) -> AsyncIterator[SSEStream]:
-    """A 200 stream, returned once its preamble arrived (it is registered from then on)."""
-    url = broker.events_url(*channels)
-    async with SSEClient.connect(url, last_event_id=last_event_id) as s:
-        assert s.status == 200, await s.text()
-        await s.wait_for(lambda st: "ok" in st.parser.comments, what="the preamble")
-        yield s
 
 
 async def metric0(broker: BrokerProcess, name: str, labels: dict[str, str] | None = None) -> float:
@@ -168,7 +156,7 @@ def assert_no_silent_loss(c: Collector, pub: Publisher, *, resets: int) -> None:
 # -- Redis restarts, pubsub mode -----------------------------------------------------------
 
 
-async def test_pubsub_survives_redis_restarts_under_load_and_resets_every_open_stream(
+async def test_pubsub_survives_redis_restarts_under_load_and_resets_every_stream(
     start_broker: StartBroker, redis_server: RedisServer
 ) -> None:
     """Three Redis restarts while a publisher keeps going: readiness and
@@ -183,12 +171,12 @@ async def test_pubsub_survives_redis_restarts_under_load_and_resets_every_open_s
     try:
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(3):
-                s = await stack.enter_async_context(open_stream(broker, "load", "other"))
+                s = await stack.enter_async_context(stream(broker, "load", "other"))
                 collectors.append(Collector(s).start())
             pub.start()
             await collectors[0].wait(lambda c: len(c.data) >= 20)
             # a client that leaves before the first outage, to resume across it
-            async with open_stream(broker, "load") as early:
+            async with stream(broker, "load") as early:
                 await early.next_event()
                 early_id = early.parser.last_event_id
 
@@ -211,13 +199,13 @@ async def test_pubsub_survives_redis_restarts_under_load_and_resets_every_open_s
                     await c.wait(lambda c: c.events[-1].type == "message")  # live again
                 if k == 1:
                     # across the hole: reset, never silence
-                    async with open_stream(broker, "load", last_event_id=early_id) as late:
+                    async with stream(broker, "load", last_event_id=early_id) as late:
                         first = await late.next_event()
                         assert first.type == "broker.reset"
                         assert first.json()["reason"] == "outage"
                     # from the reset's id (after the hole): exact, no reset
                     hole_id = collectors[0].of_type("broker.reset")[0].last_event_id
-                    async with open_stream(broker, "load", last_event_id=hole_id) as after:
+                    async with stream(broker, "load", last_event_id=hole_id) as after:
                         first = await after.next_event()
                         assert first.type == "message", first
             await asyncio.sleep(0.3)
@@ -259,11 +247,11 @@ async def test_stream_mode_reads_on_across_outages_without_reset_or_loss(
     try:
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(2):
-                s = await stack.enter_async_context(open_stream(broker, "load"))
+                s = await stack.enter_async_context(stream(broker, "load"))
                 collectors.append(Collector(s).start())
             pub.start()
             await collectors[0].wait(lambda c: len(c.data) >= 20)
-            async with open_stream(broker, "load") as early:
+            async with stream(broker, "load") as early:
                 seen_early = int((await early.next_event()).data)
                 early_id = early.parser.last_event_id
 
@@ -331,7 +319,7 @@ async def open_stream_retrying(
             await broker.wait_ready()
             try:
                 return await stack.enter_async_context(
-                    open_stream(broker, *channels, last_event_id=last_event_id)
+                    stream(broker, *channels, last_event_id=last_event_id)
                 )
             except SSEStreamClosed:  # a refusal raced with the readiness probe
                 await asyncio.sleep(0.1)
@@ -424,7 +412,7 @@ async def test_wedged_subscription_is_detected_by_the_canary_and_resubscribed(
         redis = no_retry_client(redis_server.port)
         via_proxy = no_retry_client(proxy.port)
         try:
-            async with open_stream(broker, "w") as a, open_stream(broker, "w") as b:
+            async with stream(broker, "w") as a, stream(broker, "w") as b:
                 await publish(redis, "w", "before")
                 assert (await a.next_event()).data == "before"
                 assert (await b.next_event()).data == "before"
@@ -477,7 +465,7 @@ async def test_canary_is_never_delivered_and_cannot_be_requested(
     watcher = redis_server.client().pubsub()
     await watcher.psubscribe("sse:!canary!*")
     try:
-        async with open_stream(broker, "probe") as probe:
+        async with stream(broker, "probe") as probe:
             epoch = probe.parser.last_event_id.split("-")[0]
         lookalikes = [
             "canary",
@@ -492,7 +480,7 @@ async def test_canary_is_never_delivered_and_cannot_be_requested(
             "#canary#",
             "@canary@",
         ]
-        async with open_stream(broker, *lookalikes) as s:
+        async with stream(broker, *lookalikes) as s:
             seen: list[str] = []
             async with asyncio.timeout(8):
                 while len(seen) < 3:
@@ -541,7 +529,7 @@ async def test_stream_mode_wedged_reader_is_detected_by_position_and_restarted(
         pub = Publisher(no_retry_client(redis_server.port), "w", stream=True, interval=0.05)
         collectors: list[Collector] = []
         try:
-            async with open_stream(broker, "w") as a, open_stream(broker, "w") as b:
+            async with stream(broker, "w") as a, stream(broker, "w") as b:
                 collectors = [Collector(a).start(), Collector(b).start()]
                 pub.start()
                 await collectors[0].wait(lambda c: len(c.data) >= 5)

@@ -162,7 +162,6 @@ class PubSubIngest:
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
         self.subscribed = False
-        self._proto: _Subscriber | None = None
 
     async def _connect(self) -> _Subscriber:
         loop = asyncio.get_running_loop()
@@ -217,7 +216,6 @@ class PubSubIngest:
             except Exception:  # the ingest must outlive any surprise: log it, retry
                 log.exception("redis %s: subscribe failed unexpectedly", self.target.describe())
             else:
-                self._proto = proto
                 self.subscribed = True
                 backoff = self._backoff_min
                 log.info("subscribed to %s on %s", pattern_for(self.prefix), self.target.describe())
@@ -226,15 +224,9 @@ class PubSubIngest:
                     reason = await proto.lost
                 finally:
                     self.subscribed = False
-                    self._proto = None
                     if proto.transport is not None:
                         proto.transport.close()
                     self._on_state(False)
                 log.warning("redis %s: subscription lost (%s)", self.target.describe(), reason)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self._backoff_max)
-
-    def resubscribe(self) -> None:
-        """Drop the current subscription so that run() builds a fresh one."""
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.abort()
