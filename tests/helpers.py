@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import aiohttp.web
 import orjson
 import redis.asyncio as aioredis
 from sse_client import SSEClient, SSEStream
@@ -195,3 +196,16 @@ async def stream(
             what="the preamble",
         )
         yield s
+
+
+@contextlib.asynccontextmanager
+async def serve(app: aiohttp.web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port (a stand-in app, a page, a proxy) and
+    yield its base URL; stopped on exit."""
+    runner = aiohttp.web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

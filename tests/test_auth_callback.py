@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import BrokerProcess, StartBroker, free_port
-from helpers import envelope, eventually, get, publish, stream
+from helpers import envelope, eventually, get, publish, serve, stream
 from sse_client import SSEClient
 
 # -- the fake app --------------------------------------------------------------------------
@@ -92,18 +92,12 @@ async def app() -> AsyncIterator[FakeApp]:
     web_app = web.Application()
     web_app.router.add_get("/auth", fake.handle)
     web_app.router.add_get("/allow", fake.handle)  # a redirect target that would allow
-    runner = web.AppRunner(web_app, handler_cancellation=True, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{port}"
-    try:
-        yield fake
-    finally:
-        if fake.gate is not None:
-            fake.gate.set()
-        await runner.cleanup()
+    async with serve(web_app) as fake.url:
+        try:
+            yield fake
+        finally:
+            if fake.gate is not None:
+                fake.gate.set()
 
 
 async def callback_broker(start_broker: StartBroker, app: FakeApp, *sets: str) -> BrokerProcess:

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from browser import Browser, Page, browser  # noqa: F401
 from conftest import LOOPBACK, RedisServer, StartBroker
-from helpers import envelope, eventually, publish
+from helpers import envelope, eventually, publish, serve
 from multidict import MultiDict, MultiDictProxy
 from sse_client import SSEEvent, SSEParser
 
@@ -181,13 +181,8 @@ class Site:
         if self.upstream is not None:
             app.router.add_get("/events", self.events)
         app.router.add_static("/examples", EXAMPLES)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, LOOPBACK, 0)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        async with aiohttp.ClientSession() as session:
+        async with serve(app) as self.url, aiohttp.ClientSession() as session:
+            self.port = int(self.url.rsplit(":", 1)[1])
             self._session = session
             try:
                 yield self
@@ -195,7 +190,6 @@ class Site:
                 self.admit.set()
                 for record in self.requests:
                     record.cut.set()
-                await runner.cleanup()
 
 
 async def open_page(page: Page, site: Site) -> None:

@@ -19,8 +19,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from browser import Browser, browser  # noqa: F401
-from conftest import LOOPBACK, StartBroker
-from helpers import eventually, publish
+from conftest import StartBroker
+from helpers import eventually, publish, serve
 from sse_client import SSEClient, SSEParser
 
 PAGE = """<!doctype html>
@@ -119,20 +119,13 @@ class RecordingProxy:
         app = web.Application()
         app.router.add_get("/page", self.page)
         app.router.add_get("/events", self.events)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, LOOPBACK, 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        self.url = f"http://{LOOPBACK}:{port}"
-        async with aiohttp.ClientSession() as session:
+        async with serve(app) as self.url, aiohttp.ClientSession() as session:
             self._session = session
             try:
                 yield self
             finally:
                 for record in self.requests:
                     record.cut.set()
-                await runner.cleanup()
 
 
 async def test_eventsource_last_event_id_advances_on_id_heartbeats_and_no_event_fires(

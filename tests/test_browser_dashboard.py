@@ -23,8 +23,8 @@ from typing import Any
 
 from aiohttp import web
 from browser import Browser, Page, browser  # noqa: F401
-from conftest import LOOPBACK, RedisServer, StartBroker
-from helpers import envelope, publish
+from conftest import RedisServer, StartBroker
+from helpers import envelope, publish, serve
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -40,14 +40,8 @@ async def static_site() -> AsyncIterator[str]:
     """``examples/`` over HTTP on a free loopback port (like ``python -m http.server``)."""
     app = web.Application()
     app.router.add_static("/examples", EXAMPLES)
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0)
-    await site.start()
-    try:
-        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve(app) as url:
+        yield url
 
 
 async def screenshot(page: Page) -> bytes:

@@ -32,7 +32,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import REPO_ROOT, BrokerProcess, RedisServer, StartBroker, free_port
-from helpers import envelope, eventually, get, publish, stream
+from helpers import envelope, eventually, get, publish, serve, stream
 from sse_client import SSEClient, SSEStream
 
 AUTH_PATH = "/broadcasting/auth"
@@ -134,17 +134,12 @@ async def app() -> AsyncIterator[LaravelApp]:
     fake = LaravelApp(sessions={"s-ada": ADA, "s-bob": BOB})
     web_app = web.Application()
     web_app.router.add_route("*", AUTH_PATH, fake.handle)  # Broadcast::routes(): GET|POST
-    runner = web.AppRunner(web_app, handler_cancellation=True, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    fake.url = f"http://127.0.0.1:{port}"
-    try:
-        yield fake
-    finally:
-        if fake.gate is not None:
-            fake.gate.set()
-        await runner.cleanup()
+    async with serve(web_app) as fake.url:
+        try:
+            yield fake
+        finally:
+            if fake.gate is not None:
+                fake.gate.set()
 
 
 async def laravel_broker(start_broker: StartBroker, app: LaravelApp, *sets: str) -> BrokerProcess:
