@@ -16,15 +16,60 @@ from broker.auth import Credentials
 from broker.config import Config
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Where a dual-stack (IPv6) socket puts its IPv4 peers: ::ffff:a.b.c.d.
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_ALL_IPV4 = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+def _unmapped(ip: Address) -> Address:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def normalize_ip(address: str) -> str:
+    """``address`` as the broker compares, counts and logs it.
+
+    An IPv4-mapped IPv6 address (``::ffff:203.0.113.7``: how a dual-stack
+    listener reports an IPv4 peer) becomes the IPv4 address, and every
+    address is written in its canonical form (``2001:DB8::1`` ->
+    ``2001:db8::1``), so one client is one key of the per-IP limit whichever
+    way it arrived. What is not an address (an obfuscated ``X-Forwarded-For``
+    hop such as ``unknown``) is returned stripped but otherwise unchanged.
+    """
+    address = address.strip()
+    try:
+        return str(_unmapped(ipaddress.ip_address(address)))
+    except ValueError:
+        return address
 
 
 def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(e, strict=False) for e in entries)
+    """``server.trusted_proxies`` as networks, in the form peers are compared in.
+
+    Peers are compared as IPv4 when they are IPv4-mapped (``normalize_ip``),
+    so an entry written mapped (``::ffff:10.0.0.1``, ``::ffff:10.0.0.0/104``)
+    becomes its IPv4 network, and an IPv6 network that spans every mapped
+    address (``::/0``) covers every IPv4 address as well.
+    """
+    networks: list[Network] = []
+    for entry in entries:
+        net = ipaddress.ip_network(entry, strict=False)
+        if isinstance(net, ipaddress.IPv6Network):
+            if net.subnet_of(_IPV4_MAPPED):
+                first = int(net.network_address) - int(_IPV4_MAPPED.network_address)
+                net = ipaddress.IPv4Network((first, net.prefixlen - 96))
+            elif net.supernet_of(_IPV4_MAPPED):
+                networks.append(_ALL_IPV4)
+        networks.append(net)
+    return tuple(networks)
 
 
 def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     try:
-        ip = ipaddress.ip_address(address)
+        ip = _unmapped(ipaddress.ip_address(address.strip()))
     except ValueError:
         return False
     return any(ip in net for net in trusted)
@@ -42,13 +87,15 @@ def client_ip(request: web.Request, trusted: tuple[Network, ...]) -> str:
 
     Walking the header from the right, the first address that is not a
     trusted proxy is the client (what a client writes further left is not
-    trusted).
+    trusted). The peer and every hop are compared and returned normalized
+    (``normalize_ip``): an IPv4 client is an IPv4 address even when it came
+    through a dual-stack listener.
     """
-    peer = request.remote or ""
+    peer = _peer(request) or ""
     if not peer_is_trusted(request, trusted):
         return peer
     hops = [
-        hop.strip()
+        normalize_ip(hop)
         for value in request.headers.getall("X-Forwarded-For", ())
         for hop in value.split(",")
         if hop.strip()
@@ -84,17 +131,22 @@ def credentials(request: web.Request, cfg: Config, ip: str, *, via_proxy: bool) 
         cookies=dict(request.cookies),
         client_ip=ip,
         host=request.headers.get("Host", ""),
-        forwarded_for=_forwarded_for(request) if via_proxy else request.remote or None,
+        forwarded_for=_forwarded_for(request) if via_proxy else _peer(request),
         forwarded_host=request.headers.get("X-Forwarded-Host") if via_proxy else None,
         socket_id=request.query.get("socket_id") or None,
     )
 
 
+def _peer(request: web.Request) -> str | None:
+    return normalize_ip(request.remote or "") or None
+
+
 def _forwarded_for(request: web.Request) -> str | None:
     """The chain the trusted proxy sent, plus that proxy (as a proxy would extend it)."""
     chain = [h for h in request.headers.getall("X-Forwarded-For", ()) if h.strip()]
-    if request.remote:
-        chain.append(request.remote)
+    peer = _peer(request)
+    if peer:
+        chain.append(peer)
     return ", ".join(chain) or None
 
 

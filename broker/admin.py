@@ -1,4 +1,7 @@
-"""The admin listener: metrics, health and the publish API (never expose it publicly)."""
+"""The admin listener: metrics, health and the publish API (never expose it publicly).
+
+Every POST here must be ``Content-Type: application/json`` (``json_posts_only``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,53 @@ import logging
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from broker.app import Broker
 from broker.errors import BadRequest, BrokerError, Unauthorized
 from broker.http import BROKER, error_response, healthz, json_response, readyz
+from broker.ids import InvalidId, as_id
+from broker.logs import quote
 from broker.publish import MAX_ITEMS, parse_items, publish_events
 
 log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def is_json(request: web.Request) -> bool:
+    """``Content-Type: application/json``, any case, parameters (``; charset=utf-8``) allowed."""
+    media_type = request.headers.get("Content-Type", "").partition(";")[0]
+    return media_type.strip().lower() == JSON
+
+
+@web.middleware
+async def json_posts_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (415) an admin POST that is not ``Content-Type: application/json``.
+
+    A browser sends a cross-site POST without asking first (no CORS preflight)
+    only with a form's content types (``application/x-www-form-urlencoded``,
+    ``multipart/form-data``, ``text/plain``); a JSON POST is preflighted, and
+    the admin listener grants no preflight. So no page on another site can
+    make a visitor's browser publish or disconnect, even when the admin
+    listener is reachable from that browser and no publish key is set.
+    Checked before the handler runs (before authentication, before the body
+    is read: cheap, and a form post never reaches an endpoint); an unknown
+    path or method keeps its 404/405.
+    """
+    routed = request.match_info.http_exception is None
+    if request.method == "POST" and routed and not is_json(request):
+        given = request.headers.get("Content-Type")
+        return error_response(
+            BadRequest(
+                f"admin POSTs must be 'Content-Type: {JSON}' (got {given!r:.80})",
+                code="unsupported_media_type",
+                status=415,
+            )
+        )
+    return await handler(request)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -51,7 +92,7 @@ async def publish(request: web.Request) -> web.Response:
             raise BadRequest(
                 f"body over {request.app['max_body']} bytes", code="too_large", status=413
             ) from None
-        events = parse_items(body, broker.cfg.limits.max_event_bytes)
+        events = parse_items(body, broker.cfg.limits.max_event_bytes, broker.cfg.ingest)
     except BrokerError as exc:
         return error_response(exc)
     try:
@@ -71,7 +112,8 @@ async def disconnect(request: web.Request) -> web.Response:
 
     Given both, only streams of that user in that tenant. When publish keys
     are configured the same bearer key is required; without them the admin
-    listener (private by design) is the only guard.
+    listener (private by design) is the only guard, and ``json_posts_only``
+    keeps cross-site form posts from browsers out.
     """
     broker = request.app[BROKER]
     try:
@@ -89,7 +131,7 @@ async def disconnect(request: web.Request) -> web.Response:
     except BrokerError as exc:
         return error_response(exc)
     n = broker.disconnect(user=user, tenant=tenant)
-    log.info("admin disconnect user=%s tenant=%s: %d streams closed", user, tenant, n)
+    log.info("admin disconnect user=%s tenant=%s: %d streams closed", quote(user), quote(tenant), n)
     return json_response(200, {"disconnected": n})
 
 
@@ -97,16 +139,15 @@ def _selector(doc: dict[str, object], name: str) -> str | None:
     value = doc.get(name)
     if value is None:
         return None
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise BadRequest(f"field {name!r} must be a non-empty string or an integer", code="bad_" + name)
+    try:
+        return as_id(value)
+    except InvalidId as exc:
+        raise BadRequest(f"field {name!r}: {exc}", code="bad_" + name) from None
 
 
 def admin_app(broker: Broker) -> web.Application:
     max_body = max(1 << 20, broker.cfg.limits.max_event_bytes * 4 * min(MAX_ITEMS, 16))
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=max_body, middlewares=[json_posts_only])
     app[BROKER] = broker
     app["max_body"] = max_body
     app.router.add_get("/metrics", metrics)

@@ -38,6 +38,7 @@ from broker.ingest.pubsub import PubSubIngest
 from broker.ingest.stream import StreamIngest, stream_seq
 from broker.metrics import Metrics, Stats
 from broker.publish import load_publish_keys
+from broker.recheck import Rechecker, still_authorized
 from broker.redis_conn import redis_target
 from broker.resume import gap_frames
 from broker.retained_store import RedisRetained
@@ -46,6 +47,8 @@ from broker.scheduler import Deadlines, Periodic, Wheel
 log = logging.getLogger(__name__)
 
 CATCH_UP_SECONDS = 2.0
+# Re-authorization calls in flight at once: a fraction of what new streams may use.
+RECHECK_IN_FLIGHT = 8
 
 # What a reload cannot change under a running process (None: the whole section).
 _RESTART_KEYS: dict[str, frozenset[str] | None] = {
@@ -133,6 +136,11 @@ class Broker:
         self._checked_seq = -1
         self._canary_tasks: set[asyncio.Task[None]] = set()
         self.watchdog = Periodic(float(cfg.ingest.canary_interval_seconds or 1), self._watch)
+        self.rechecker = Rechecker(
+            float(cfg.auth.recheck_interval_seconds or 600),
+            self._recheck,
+            max_in_flight=RECHECK_IN_FLIGHT,
+        )
 
     def redis(self) -> aioredis.Redis:
         """The shared command client (publishing, XRANGE, retained state)."""
@@ -234,6 +242,8 @@ class Broker:
         """
         self.hub.add(conn)
         self.heartbeats.add(conn)
+        if conn.credentials is not None:
+            self.rechecker.add(conn)
         if conn.tenant:
             self.per_tenant[conn.tenant] += 1
         self.per_ip[conn.remote] += 1
@@ -252,6 +262,7 @@ class Broker:
 
     def unregister(self, conn: Connection) -> None:
         self.heartbeats.remove(conn)
+        self.rechecker.remove(conn)
         self.deadlines.forget(conn)
         self.hub.remove(conn)
         for counter, key in ((self.per_tenant, conn.tenant), (self.per_ip, conn.remote)):
@@ -263,6 +274,14 @@ class Broker:
     def _deadline(self, conn: Connection, reason: str) -> None:
         retry = control.jitter(self.cfg.sse.retry_ms)
         self.hub.end(conn, reason, control.reconnect_frame(reason, retry, self.hub.head))
+
+    async def _recheck(self, conn: Connection) -> None:
+        """Shared timer: end ``conn`` if the app no longer lets it in (callback, laravel)."""
+        if self.cfg.auth.recheck_interval_seconds and not await still_authorized(
+            self.auth, self.public, conn
+        ):
+            self.stats.auth_failures["revoked"] += 1
+            self._deadline(conn, "revoked")
 
     def disconnect(self, *, user: str | None, tenant: str | None) -> int:
         """Close the streams of a user and/or tenant now (logout, revoked tenant)."""
@@ -476,7 +495,19 @@ class Broker:
         self.retained.max_keys = merged.replay.max_retained_keys
         self.retained.max_bytes = merged.replay.max_retained_bytes
         self.dispatcher.max_event_bytes = merged.limits.max_event_bytes
+        self.rechecker.interval = float(merged.auth.recheck_interval_seconds or 600)
         self._spawn(old_auth.close())
+        # A key taken out of the config is a key no longer trusted: streams
+        # it let in end now, not at their token's expiry.
+        revoked = [
+            c
+            for c in self.hub.connections
+            if c.auth_key is not None and not auth.verifies(c.auth_key)
+        ]
+        for conn in revoked:
+            self._deadline(conn, "revoked")
+        if revoked:
+            log.warning("reload: %d streams ended, their JWT key is gone", len(revoked))
         return restart
 
     # -- lifecycle ----------------------------------------------------------------
@@ -484,6 +515,7 @@ class Broker:
     async def start(self) -> None:
         self._ingest_task = asyncio.create_task(self.ingest.run(), name="ingest")
         self.heartbeats.start()
+        self.rechecker.start()
         self.expiry.start()
         self.watchdog.start()
 
@@ -492,6 +524,7 @@ class Broker:
         for task in list(self._canary_tasks):
             task.cancel()
         self.heartbeats.stop()
+        self.rechecker.stop()
         self.deadlines.stop()
         await self.auth.close()
         self.expiry.stop()

@@ -189,7 +189,7 @@ def publish(
     if users:
         envelope["users"] = list(users)
     try:
-        events = parse_items(orjson.dumps(envelope), cfg.limits.max_event_bytes)
+        events = parse_items(orjson.dumps(envelope), cfg.limits.max_event_bytes, cfg.ingest)
     except BrokerError as exc:
         _fail(exc.message)
 

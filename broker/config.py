@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from broker.auth.grants import PLACEHOLDER, crossing_problem
 from broker.errors import ConfigError
+from broker.keyfiles import parse_secrets, short_secret_warnings
 
 ENV_PREFIX = "SSE_BROKER_"
 # Read by the CLI, not a key: it names the file that holds the keys.
@@ -215,6 +217,7 @@ class AuthConfig:
     grants: tuple[str, ...] = ()
     cookie: str = "sse_token"
     query_param: str = "token"
+    recheck_interval_seconds: int = 600
     jwt: JwtConfig = field(default_factory=JwtConfig)
     callback: CallbackConfig = field(default_factory=CallbackConfig)
     laravel: LaravelConfig = field(default_factory=LaravelConfig)
@@ -541,14 +544,13 @@ def _query_param(v: str) -> str | None:
     return f"must be a plain query parameter name, got {_describe(v)}"
 
 
-_PLACEHOLDER = re.compile(r"\{(user|tenant)\}")
-
-
 def _pattern(v: str) -> str | None:
     if not v or any(c.isspace() or not c.isprintable() for c in v):
         return f"entries must be non-empty channel patterns without spaces, got {_describe(v)}"
-    if "{" in _PLACEHOLDER.sub("", v) or "}" in _PLACEHOLDER.sub("", v):
+    if "{" in PLACEHOLDER.sub("", v) or "}" in PLACEHOLDER.sub("", v):
         return f"only {{user}} and {{tenant}} placeholders are allowed, got {_describe(v)}"
+    if (problem := crossing_problem(v)) is not None:
+        return f"{_describe(v)}: {problem}"
     return None
 
 
@@ -607,6 +609,7 @@ _CHECKS: dict[str, Check] = {
     "auth.grants": _each(_pattern),
     "auth.cookie": _cookie_name(allow_empty=True),
     "auth.query_param": _query_param,
+    "auth.recheck_interval_seconds": _zero_or_at_least(10),
     "auth.jwt.algorithms": _algorithms,
     "auth.jwt.user_claim": _non_empty,
     "auth.jwt.leeway_seconds": _between(0, 300),
@@ -947,4 +950,16 @@ def config_warnings(cfg: Config) -> list[str]:
         )
     if auth.mode == "jwt" and auth.jwt.secret and len(auth.jwt.secret.encode()) < 32:
         warnings.append("auth.jwt.secret is shorter than 32 bytes: too weak for HMAC signing")
+    if auth.mode == "jwt" and auth.jwt.secret_file:
+        warnings += _secret_file_warnings(auth.jwt.secret_file)
     return warnings
+
+
+def _secret_file_warnings(path: str) -> list[str]:
+    """Short secrets of ``auth.jwt.secret_file``, one warning per line (never the secret)."""
+    key = "auth.jwt.secret_file"
+    try:
+        secrets = parse_secrets(key, path, read_config_file(key, path))
+    except ConfigError:
+        return []  # an unreadable or malformed file is an error, reported by loading the keys
+    return short_secret_warnings(key, path, secrets)

@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 
+from broker.auth import Credentials
 from broker.envelope import Event
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,12 @@ class Connection:
     """
 
     __slots__ = (
+        "auth_key",
         "bytes_sent",
         "channels",
         "chunked",
         "close_reason",
+        "credentials",
         "done",
         "events_sent",
         "last_id",
@@ -114,6 +117,11 @@ class Connection:
         self.bytes_sent = 0
         self.opened_at = time.monotonic()
         self.close_reason: str | None = None
+        # What re-checks this stream's right to stay open: the JWT key that
+        # verified its token (a reload that drops the key ends it), or the
+        # credentials to ask the app again with (callback and laravel modes).
+        self.auth_key: str | None = None
+        self.credentials: Credentials | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     @property

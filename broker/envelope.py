@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from broker.errors import Rejected
+from broker.ids import ID_RULE, InvalidId, as_id, is_id
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-.:@=#/]{1,200}")
 CHANNEL_RULE = "1-200 characters from A-Z a-z 0-9 _ - . : @ = # /"
@@ -86,12 +87,10 @@ def check_channel(name: str) -> str:
 
 
 def _id_string(value: Any, field: str, code: str) -> str:
-    # bool is an int subclass: PHP's true must not become tenant "True".
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise Rejected(f"field {field!r} must be a non-empty string or an integer", code=code)
+    try:
+        return as_id(value)
+    except InvalidId as exc:
+        raise Rejected(f"field {field!r}: {exc}", code=code) from None
 
 
 def _event_name(value: Any) -> str:
@@ -130,10 +129,10 @@ def from_fields(channel: str, fields: dict[str, Any]) -> Event:
     retain: str | None = None
     if retain_raw is True:
         retain = event
-    elif isinstance(retain_raw, str) and retain_raw:
-        retain = retain_raw
+    elif isinstance(retain_raw, str) and is_id(retain_raw):
+        retain = retain_raw  # stored as "<tenant>\0<key>": no NUL, like an id
     elif retain_raw is not None and retain_raw is not False:
-        raise Rejected("field 'retain' must be a non-empty string or true", code="bad_retain")
+        raise Rejected(f"field 'retain' must be true or {ID_RULE}", code="bad_retain")
     if retain is not None and users is not None:
         raise Rejected(
             "field 'retain' cannot be combined with 'users' (retained state is per channel "
@@ -187,6 +186,13 @@ def decode_laravel(channel: str, payload: bytes, max_bytes: int) -> Event:
     ``data`` is sent as compact JSON (an empty PHP array arrives as ``[]``);
     a ``socket`` key inside ``data`` (older Laravel) or beside it marks the
     tab that caused the event, which ``toOthers()`` must not echo to.
+
+    Top-level ``tenant``, ``users`` and ``retain`` restrict the audience and
+    keep retained state exactly as in the native format: validated by
+    :func:`from_fields`, rejected with the same reasons, ``data: null`` with
+    ``retain`` deletes the key. Laravel itself never sends them (so stock apps
+    are unaffected); ``POST /publish`` and ``sse-broker publish`` do (see
+    :func:`encode_laravel`). The same keys inside ``data`` are the app's data.
     """
     if len(payload) > max_bytes:
         raise Rejected(
@@ -210,7 +216,16 @@ def decode_laravel(channel: str, payload: bytes, max_bytes: int) -> Event:
         socket = data.pop("socket") or socket
     if socket is not None and not isinstance(socket, str):
         raise Rejected("field 'socket' must be a string or null", code="bad_envelope")
-    return Event(channel, orjson.dumps(data).decode(), event, socket=socket or None)
+    text = orjson.dumps(data).decode()
+    if "tenant" in fields or "users" in fields or "retain" in fields:
+        # One copy of the audience and retain rules: the native ones. The data
+        # goes in as its JSON text, which from_fields keeps verbatim.
+        audience = {k: fields.get(k) for k in ("tenant", "users", "retain")}
+        restricted = from_fields(channel, {"event": event, "data": text, **audience})
+        return restricted._replace(
+            socket=socket or None, deletes=restricted.retain is not None and data is None
+        )
+    return Event(channel, text, event, socket=socket or None)
 
 
 def encode_native(event: Event) -> bytes:
@@ -218,6 +233,38 @@ def encode_native(event: Event) -> bytes:
     fields: dict[str, Any] = {"data": None if event.deletes else event.data}
     if event.event != "message":
         fields["event"] = event.event
+    if event.tenant is not None:
+        fields["tenant"] = event.tenant
+    if event.users is not None:
+        fields["users"] = sorted(event.users)
+    if event.retain is not None:
+        fields["retain"] = event.retain
+    return orjson.dumps(fields)
+
+
+def encode_laravel(event: Event) -> bytes:
+    """The Laravel-format message for ``event``: what :func:`decode_laravel` reads back.
+
+    Laravel's broadcaster shape ``{"event": E, "data": D, "socket": S}`` plus
+    top-level ``tenant``, ``users`` and ``retain`` when set (Laravel never
+    sends those; the decoder honours them with the native rules, so a
+    targeted event published in this format stays targeted).
+
+    In this format clients always get ``data`` as JSON (the decoder re-encodes
+    it), so D is the JSON value ``event.data`` holds when it parses as JSON --
+    compact JSON, as the native format stores non-string data, reads back
+    byte for byte -- and otherwise the string itself, which clients then get
+    as a JSON string (``hello`` arrives as ``"hello"``). A retained key's
+    deletion is ``data: null``; as in a stream entry, a retained event whose
+    data is the text ``null`` reads back as a deletion.
+    """
+    data: Any = None
+    if not event.deletes:
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            data = event.data
+    fields: dict[str, Any] = {"event": event.event, "data": data, "socket": event.socket}
     if event.tenant is not None:
         fields["tenant"] = event.tenant
     if event.users is not None:

@@ -23,6 +23,8 @@ from broker.auth import Identity, authorize
 from broker.connection import Connection, tune_socket
 from broker.envelope import check_channel
 from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable, Unauthorized
+from broker.logs import quote
+from broker.recheck import needs_recheck
 from broker.resume import backlog
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,9 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
         remote=ip,
         socket_id=creds.socket_id,
     )
+    conn.auth_key = identity.key
+    if cfg.auth.recheck_interval_seconds and needs_recheck(cfg.auth.mode, identity, channels):
+        conn.credentials = creds
     return conn, identity
 
 
@@ -217,14 +222,14 @@ def log_close(conn: Connection) -> None:
     log.info(
         "stream closed remote=%s channels=%d duration=%.1fs frames=%d bytes=%d reason=%s "
         "user=%s tenant=%s",
-        conn.remote,
+        quote(conn.remote),
         len(conn.channels),
         time.monotonic() - conn.opened_at,
         conn.events_sent,
         conn.bytes_sent,
         conn.close_reason,
-        conn.user or "-",
-        conn.tenant or "-",
+        quote(conn.user),
+        quote(conn.tenant),
     )
 
 

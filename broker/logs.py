@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
+import re
 from typing import Any
 
 import orjson
@@ -18,6 +20,23 @@ class DropMalformedRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, HttpProcessingError)
+
+
+_PLAIN = re.compile(r"[\w.@:/+-]{1,256}", re.ASCII)
+
+
+def quote(value: str | None) -> str:
+    """``value`` (client- or app-controlled) as one token of a text log line.
+
+    Plain ids print as they are; anything else is a JSON string with every
+    control and non-ASCII character escaped, so a newline in a token claim
+    or a spoofed ``tenant=x`` cannot forge a line or a field. None is ``-``.
+    """
+    if value is None:
+        return "-"
+    if _PLAIN.fullmatch(value):
+        return value
+    return json.dumps(value)
 
 
 class JsonFormatter(logging.Formatter):

@@ -21,6 +21,7 @@ from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_ur
 
 from broker.config import RedisConfig, read_config_file
 from broker.errors import ConfigError
+from broker.keyfiles import parse_password
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
@@ -132,7 +133,8 @@ def redis_target(cfg: RedisConfig) -> RedisTarget:
         raise ConfigError(f"redis.url: {exc}") from None
     password = parts.get("password")
     if cfg.password_file:
-        password = read_config_file("redis.password_file", cfg.password_file).strip()
+        text = read_config_file("redis.password_file", cfg.password_file)
+        password = parse_password("redis.password_file", cfg.password_file, text)
     cls = parts.get("connection_class")
     tls = None
     if cls is SSLConnection:

@@ -13,10 +13,14 @@ Layout: one hash per channel, ``<stream_key>:retained:<channel>``; field
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import orjson
 import redis.asyncio as aioredis
 
-from broker.envelope import Event
+from broker.envelope import from_fields
+from broker.errors import Rejected
 from broker.hub import Published
 from broker.ingest.stream import stream_seq
 
@@ -36,6 +40,8 @@ return 1
 """
 
 TOMBSTONE = b"-"
+
+log = logging.getLogger(__name__)
 
 
 class RedisRetained:
@@ -71,24 +77,48 @@ class RedisRetained:
             raise
 
     async def load(self, client: aioredis.Redis, channels: tuple[str, ...]) -> list[Published]:
-        """Every retained entry (tombstones included) of ``channels``, as Published events."""
+        """Every retained entry (tombstones included) of ``channels``, as Published events.
+
+        What Redis holds is read like inbound data: anyone with write access
+        to Redis can put anything there, so an entry that would not have been
+        accepted from a publisher (a bad tenant, event name or shape) is
+        skipped and logged, never delivered.
+        """
         pipe = client.pipeline(transaction=False)
         for channel in channels:
             _ = pipe.hgetall(self.hash_key(channel))
         found: list[Published] = []
+        bad = 0
         for channel, entries in zip(channels, await pipe.execute(), strict=True):
             for field, value in entries.items():
-                tenant, _, key = field.decode().partition("\0")
-                id, _, body = value.partition(b" ")
-                seq = stream_seq(id.decode())
-                if seq is None:
-                    continue
-                if body == TOMBSTONE:
-                    event = Event(channel, "null", tenant=tenant or None, retain=key, deletes=True)
-                else:
-                    doc = orjson.loads(body)
-                    event = Event(
-                        channel, doc["data"], event=doc["event"], tenant=tenant or None, retain=key
-                    )
-                found.append(Published(event, seq, id.decode(), 0.0))
+                try:
+                    found.append(_entry(channel, field, value))
+                except (Rejected, ValueError, KeyError, TypeError):
+                    bad += 1
+        if bad:
+            log.warning(
+                "skipped %d malformed retained entries in %s* (not written by a broker)",
+                bad,
+                self.prefix,
+            )
         return found
+
+
+def _entry(channel: str, field: bytes, value: bytes) -> Published:
+    """One hash entry as a Published event; raises for anything malformed."""
+    tenant, _, key = field.decode().partition("\0")
+    id, _, body = value.partition(b" ")
+    stream_id = id.decode()
+    seq = stream_seq(stream_id)
+    if seq is None:
+        raise ValueError("not a stream id")
+    fields: dict[str, Any] = {"retain": key, "tenant": tenant or None}
+    if body == TOMBSTONE:
+        fields["data"] = None
+    else:
+        doc = orjson.loads(body)
+        if not isinstance(doc, dict) or not isinstance(doc.get("data"), str):
+            raise ValueError("not a retained event")
+        fields["event"] = doc.get("event")
+        fields["data"] = doc["data"]
+    return Published(from_fields(channel, fields), seq, stream_id, 0.0)

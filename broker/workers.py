@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from broker import systemd
+from broker.admin import json_posts_only
 from broker.config import ENV_WORKER, Config
 from broker.http import json_response
 from broker.server import LISTEN_BACKLOG, bind
@@ -48,6 +49,8 @@ RESTART_DELAY = 1.0
 WORKER_QUERY_TIMEOUT = 2.0
 # Passed on to workers: they must not speak systemd's protocols themselves.
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+# Request headers an admin POST is forwarded to workers with (they check both too).
+_FORWARDED = ("authorization", "content-type")
 
 
 def merge_metrics(texts: Iterable[str]) -> list[Metric]:
@@ -204,7 +207,7 @@ class Supervisor:
     async def publish(self, request: web.Request) -> web.Response:
         # Any worker will do: publishing writes to Redis, every worker delivers.
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
         for _ in range(self.n):
             index = self._next_publish % self.n
             self._next_publish += 1
@@ -217,7 +220,7 @@ class Supervisor:
 
     async def disconnect(self, request: web.Request) -> web.Response:
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
         answers = await self.ask_all("POST", "/admin/disconnect", body, headers)
         total = 0
         for answer in answers:
@@ -230,7 +233,7 @@ class Supervisor:
         return json_response(200, {"disconnected": total})
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[json_posts_only])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/healthz", self.healthz)

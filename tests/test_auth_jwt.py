@@ -489,6 +489,168 @@ async def test_keyless_secret_lines_rotate_too(
     assert (await get(http, url, bearer(mint(b"q" * 64, channels=["news"]))))[0] == 401
 
 
+# -- EC curves: each key verifies only its curve's algorithm (issue 10 finding 3) ----------
+
+
+ES_SETS = ("auth.mode=jwt", "auth.jwt.algorithms=['ES256', 'ES384']")
+
+
+async def test_attack_es384_token_on_a_p256_broker_is_401_json_not_500(
+    start_broker: StartBroker, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """PyJWT's InvalidKeyError (a P-256 key asked to verify ES384) is no
+    InvalidTokenError: it escaped as a 500 with a traceback."""
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    keys = tmp_path / "keys.pem"
+    keys.write_text(f"kid: p256\n{pem(p256)}")
+    broker = await start_broker(*ES_SETS, f"auth.jwt.public_key_file={keys}")
+    url = broker.events_url("news")
+    assert (await get(http, url, bearer(mint(p256, "ES256", channels=["news"]))))[0] == 200
+    attacker = ec.generate_private_key(ec.SECP384R1())
+    for token in (
+        mint(attacker, "ES384", channels=["news"]),
+        mint(attacker, "ES384", kid="p256", channels=["news"]),  # the kid of the P-256 key
+        # the P-256 key's own valid signature under an ES384 header
+        ".".join([b64(b'{"alg":"ES384"}'), *mint(p256, "ES256").split(".")[1:]]),
+    ):
+        status, body, headers = await get(http, url, bearer(token))
+        assert status == 401, (jwt.get_unverified_header(token), body)
+        assert body["error"] == "bad_algorithm", body
+        assert "ES384" in body["message"]
+        assert headers["Content-Type"].startswith("application/json")
+    await assert_alive(broker)
+    assert (await failures(broker))["bad_algorithm"] == 3
+    log = broker.log_text()
+    assert "Traceback" not in log and "InvalidKeyError" not in log, log
+
+
+async def test_key_rotation_across_curves_accepts_both(
+    start_broker: StartBroker, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    old = ec.generate_private_key(ec.SECP256R1())
+    new = ec.generate_private_key(ec.SECP384R1())
+    keys = tmp_path / "keys.pem"
+    keys.write_text(f"kid: a\n{pem(old)}\nkid: b\n{pem(new)}")
+    broker = await start_broker(*ES_SETS, f"auth.jwt.public_key_file={keys}")
+    url = broker.events_url("news")
+    accepted = [
+        mint(old, "ES256", kid="a", channels=["news"]),
+        mint(new, "ES384", kid="b", channels=["news"]),
+        mint(old, "ES256", channels=["news"]),
+        # no kid: only the P-384 key is tried (before, the P-256 key came first: a 500)
+        mint(new, "ES384", channels=["news"]),
+    ]
+    for token in accepted:
+        status, body, _ = await get(http, url, bearer(token))
+        assert status == 200, (jwt.get_unverified_header(token), body)
+    refused = {
+        # a kid of the other curve names no key of this algorithm
+        "es384_with_kid_a": (mint(new, "ES384", kid="a", channels=["news"]), "unknown_kid"),
+        "es256_with_kid_b": (mint(old, "ES256", kid="b", channels=["news"]), "unknown_kid"),
+        "es384_other_key": (
+            mint(ec.generate_private_key(ec.SECP384R1()), "ES384", channels=["news"]),
+            "bad_signature",
+        ),
+        "es512_not_accepted": (
+            mint(ec.generate_private_key(ec.SECP521R1()), "ES512", channels=["news"]),
+            "bad_algorithm",
+        ),
+    }
+    for name, (token, code) in refused.items():
+        status, body, _ = await get(http, url, bearer(token))
+        assert (status, body["error"]) == (401, code), (name, body)
+    await assert_alive(broker)
+    assert "Traceback" not in broker.log_text()
+
+
+async def test_a_key_on_a_curve_without_an_algorithm_stops_the_broker(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.pem"
+    keys.write_text(f"kid: a\n{pem(ec.generate_private_key(ec.SECP256R1()))}")
+    keys.write_text(keys.read_text() + f"kid: k1\n{pem(ec.generate_private_key(ec.SECP256K1()))}")
+    broker = await start_broker(*ES_SETS, f"auth.jwt.public_key_file={keys}", wait_ready=None)
+    assert await broker.wait_exit() == 2, broker.log_text()
+    assert f"auth.jwt.public_key_file: {keys} line 7: EC curve secp256k1" in broker.log_text()
+
+
+def test_load_keys_ties_each_ec_key_to_its_curve(tmp_path: Path) -> None:
+    from broker.auth.jwt import load_keys
+    from broker.config import load_config
+
+    curves = [ec.SECP256R1(), ec.SECP384R1(), ec.SECP521R1()]
+    keys = tmp_path / "keys.pem"
+    keys.write_text("".join(pem(ec.generate_private_key(c)) for c in curves))
+    cfg = load_config(
+        None,
+        env={},
+        overrides=[
+            "auth.mode=jwt",
+            f"auth.jwt.public_key_file={keys}",
+            "auth.jwt.algorithms=['ES256', 'ES384', 'ES512']",
+        ],
+    )
+    assert [sorted(k.algorithms) for k in load_keys(cfg.auth.jwt)] == [
+        ["ES256"],
+        ["ES384"],
+        ["ES512"],
+    ]
+
+
+def test_every_pyjwt_error_is_unauthorized(tmp_path: Path) -> None:
+    """Whatever PyJWT raises for a token — InvalidKeyError included — verify
+    answers Unauthorized (401): a key of the wrong curve is never tried, and
+    the PyJWT error root is caught around the header and the decode."""
+    from broker.auth.jwt import JwtAuth
+    from broker.config import load_config
+    from broker.errors import Unauthorized
+
+    p256, p384 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    keys = tmp_path / "keys.pem"
+    keys.write_text(pem(p256) + pem(p384) + pem(rsa_key) + pem(ed_key))
+    auth = JwtAuth(
+        load_config(
+            None,
+            env={},
+            overrides=[
+                "auth.mode=jwt",
+                f"auth.jwt.public_key_file={keys}",
+                f"auth.jwt.secret={SECRET}",
+                "auth.jwt.algorithms=['HS256', 'RS256', 'PS256', 'ES256', 'ES384', 'ES512', "
+                "'EdDSA']",
+            ],
+        )
+    )
+    signers: list[tuple[Any, str]] = [
+        (SECRET, "HS256"),
+        (rsa_key, "RS256"),
+        (rsa_key, "PS256"),
+        (p256, "ES256"),
+        (p384, "ES384"),
+        (ed_key, "EdDSA"),
+    ]
+    claims = {"sub": "u1", "exp": int(time.time()) + 60}
+    signed = {alg: jwt.encode(claims, key, algorithm=alg) for key, alg in signers}
+    codes: dict[tuple[str, str], str] = {}
+    for alg, token in signed.items():
+        assert auth.verify(token)["sub"] == "u1", alg
+        _, body, sig = token.split(".")
+        # every accepted alg over every other signature: wrong length, wrong family
+        for other in ("HS256", "RS256", "PS256", "ES256", "ES384", "ES512", "EdDSA"):
+            if other == alg:
+                continue
+            forged = f"{b64(json.dumps({'alg': other}).encode())}.{body}.{sig}"
+            try:
+                auth.verify(forged)
+            except Unauthorized as exc:
+                assert exc.status == 401
+                codes[alg, other] = exc.code
+    assert set(codes.values()) <= {"bad_signature", "bad_algorithm"}, codes
+    assert len(codes) == 6 * 6
+
+
 # -- claims, grants, placeholders ----------------------------------------------------------
 
 

@@ -69,6 +69,12 @@ def test_escape_glob_table(value: str, escaped: str) -> None:
         (["tenant.{tenant}.*"], None, "a*", ["tenant.a[*].*"]),
         # the pattern's own glob characters stay globs
         (["feed.*", "user.{user}.?"], "u[1]", None, ["feed.*", "user.u[[]1].?"]),
+        # one pass: a value that reads like a placeholder stays literal
+        (["user.{user}"], "{tenant}", "acme", ["user.{tenant}"]),
+        (["t.{tenant}.u.{user}"], "{user}", "{user}", ["t.{user}.u.{user}"]),
+        # a separator inside an id is fine where no wildcard follows
+        (["user.{user}"], "ada.l@example.com", None, ["user.ada.l@example.com"]),
+        (["tenant.{tenant}:*"], None, "a.b", ["tenant.a.b:*"]),
     ],
 )
 def test_expand_table(
@@ -94,9 +100,32 @@ INJECTION_IDS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("patterns", "user", "tenant"),
+    [
+        (["tenant.{tenant}.*"], None, "a.b"),
+        (["tenant.{tenant}:*"], None, "a:b"),
+        (["u.{user}-x.*"], "a-b", None),
+        (["t.{tenant}.u.{user}.*"], "u.1", "t"),
+        (["tenant.{tenant}*"], None, "a"),  # a config error too (config._pattern)
+        (["{user}{tenant}.*"], "a", "b"),
+    ],
+)
+def test_ids_that_could_cross_into_another_identity_are_refused(
+    patterns: list[str], user: str | None, tenant: str | None
+) -> None:
+    with pytest.raises(Forbidden) as refused:
+        expand(patterns, user, tenant)
+    assert refused.value.code == "ambiguous_identity"
+
+
 @pytest.mark.parametrize("evil", INJECTION_IDS)
 def test_placeholder_values_widen_nothing(evil: str) -> None:
-    grants = Grants.compile(expand(["user.{user}", "tenant.{tenant}.*"], evil, evil))
+    if "." in evil:
+        with pytest.raises(Forbidden):
+            expand(["tenant.{tenant}.*"], evil, evil)
+    patterns = ["user.{user}"] if "." in evil else ["user.{user}", "tenant.{tenant}.*"]
+    grants = Grants.compile(expand(patterns, evil, evil))
     for victim in ["user.u1", "user.a", "user.ab", "user.x", "user..", "user.user.u1", "user.?"]:
         if victim != "user." + evil:
             assert not grants.allows(victim), (evil, victim)
@@ -104,7 +133,7 @@ def test_placeholder_values_widen_nothing(evil: str) -> None:
         if not victim.startswith(f"tenant.{evil}."):
             assert not grants.allows(victim), (evil, victim)
     assert grants.allows("user." + evil)
-    assert grants.allows(f"tenant.{evil}.anything")
+    assert grants.allows(f"tenant.{evil}.anything") is ("." not in evil)
 
 
 # Ids as an app could produce them (usernames, emails, odd bytes).
@@ -121,9 +150,24 @@ channels = st.one_of(
 def test_placeholder_grants_match_exactly_their_own_literal(
     user: str, tenant: str, channel: str
 ) -> None:
+    if "." in tenant:
+        with pytest.raises(Forbidden):
+            expand(["tenant.{tenant}.*"], user, tenant)
+        return
     grants = Grants.compile(expand(["user.{user}", "tenant.{tenant}.*"], user, tenant))
     expected = channel == f"user.{user}" or channel.startswith(f"tenant.{tenant}.")
     assert grants.allows(channel) is expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(mine=ids, theirs=ids, rest=st.text(max_size=8))
+def test_no_admitted_tenant_matches_another_admitted_tenants_channels(
+    mine: str, theirs: str, rest: str
+) -> None:
+    if mine == theirs or "." in mine or "." in theirs:
+        return  # the same tenant, or one refused (ambiguous_identity)
+    grants = Grants.compile(expand(["tenant.{tenant}.*"], None, mine))
+    assert not grants.allows(f"tenant.{theirs}.{rest}")
 
 
 def test_grants_are_anchored_globs() -> None:

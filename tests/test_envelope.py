@@ -1,4 +1,5 @@
-"""Decoding inbound messages: the native envelope and the raw-text fallback."""
+"""Decoding inbound messages: the native envelope, the raw-text fallback, and the
+Laravel shape as ``POST /publish`` writes it (top-level audience fields)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.envelope import REJECT_REASONS, Event, decode_native
+from broker.envelope import (
+    REJECT_REASONS,
+    Event,
+    decode_laravel,
+    decode_native,
+    encode_laravel,
+    from_fields,
+)
 from broker.errors import Rejected
 
 MAX = 1024
@@ -121,3 +129,119 @@ def test_bad_channel_names(channel: str) -> None:
 )
 def test_good_channel_names(channel: str) -> None:
     assert decode({"data": 1}, channel=channel).channel == channel
+
+
+# -- the Laravel shape as publish writes it: encode_laravel / decode_laravel ------------------
+
+
+def laravel(payload: Any, channel: str = "orders") -> Event:
+    return decode_laravel(channel, orjson.dumps(payload), MAX)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event("orders", '{"x":1}', "e"),
+        Event("orders", '{"x":1}', "e", users=frozenset({"A"})),
+        Event("orders", '[1,"a",null]', tenant="acme"),
+        Event("orders", "7", "e", tenant="42", users=frozenset({"1", "2"})),
+        Event("orders", "null"),
+        Event("orders", "true"),
+        Event("orders", '"a JSON string"'),
+        Event("orders", '{"note":"Größe 😀 €","a":1.5}'),
+        Event("orders", '{"s":1}', "state", tenant="acme", retain="state"),
+        Event("orders", "null", "state", tenant="acme", retain="state", deletes=True),
+        Event("orders", '{"id":1}', "e", socket="123.456"),
+        # what the native rules make of a publish body
+        from_fields("orders", {"data": {"id": 42}, "event": "e", "tenant": 7, "users": [1, "b"]}),
+        from_fields("orders", {"data": [], "event": "count", "retain": True}),
+        from_fields("orders", {"data": None, "retain": "k"}),
+    ],
+    ids=repr,
+)
+def test_laravel_round_trip(event: Event) -> None:
+    message = encode_laravel(event)
+    assert decode_laravel(event.channel, message, MAX) == event
+    # Laravel's broadcaster shape: data embedded as JSON, not a JSON string of it
+    fields = orjson.loads(message)
+    assert list(fields)[:3] == ["event", "data", "socket"]
+    assert fields["data"] == (None if event.deletes else orjson.loads(event.data))
+
+
+@pytest.mark.parametrize(
+    ("event", "delivered"),
+    [
+        # text that is not JSON travels as a JSON string: clients get it quoted
+        (Event("orders", "hello"), Event("orders", '"hello"')),
+        (Event("orders", "a\nb"), Event("orders", '"a\\nb"')),
+        (Event("orders", ""), Event("orders", '""')),
+        # JSON text that is not compact reads back compact
+        (Event("orders", '{"x": 1} '), Event("orders", '{"x":1}')),
+        # a retained text "null" reads back as the deletion (as in a stream entry)
+        (Event("orders", "null", retain="k"), Event("orders", "null", retain="k", deletes=True)),
+    ],
+)
+def test_laravel_data_is_always_json(event: Event, delivered: Event) -> None:
+    assert decode_laravel("orders", encode_laravel(event), MAX) == delivered
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"event": "e", "data": 1, "tenant": 42}, Event("orders", "1", "e", tenant="42")),
+        (
+            {"event": "e", "data": {"a": 1}, "users": [1, "2"]},
+            Event("orders", '{"a":1}', "e", users=frozenset({"1", "2"})),
+        ),
+        ({"event": "e", "data": 1, "retain": True}, Event("orders", "1", "e", retain="e")),
+        ({"event": "e", "data": 1, "retain": False}, Event("orders", "1", "e")),
+        ({"event": "e", "data": 1, "tenant": None, "users": None}, Event("orders", "1", "e")),
+        (
+            {"event": "e", "data": None, "retain": "k", "tenant": "t"},
+            Event("orders", "null", "e", tenant="t", retain="k", deletes=True),
+        ),
+        ({"event": "e", "retain": "k"}, Event("orders", "[]", "e", retain="k")),
+        (
+            {"event": "e", "data": {"id": 1, "socket": "1.2"}, "users": ["u"]},
+            Event("orders", '{"id":1}', "e", users=frozenset({"u"}), socket="1.2"),
+        ),
+        # inside data they are the app's data, not an audience
+        (
+            {"event": "e", "data": {"tenant": "t", "users": ["u"], "retain": "k"}},
+            Event("orders", '{"tenant":"t","users":["u"],"retain":"k"}', "e"),
+        ),
+    ],
+)
+def test_laravel_top_level_audience_fields(payload: dict[str, Any], expected: Event) -> None:
+    assert laravel(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tenant": True},
+        {"tenant": 1.5},
+        {"tenant": ""},
+        {"tenant": ["a"]},
+        {"tenant": {"id": 1}},
+        {"users": []},
+        {"users": "bob"},
+        {"users": [True]},
+        {"users": [None]},
+        {"users": [""]},
+        {"users": {"0": "a"}},
+        {"retain": 3},
+        {"retain": ""},
+        {"retain": ["k"]},
+        {"retain": "k", "users": [1]},
+        {"retain": True, "users": ["a"]},
+    ],
+    ids=repr,
+)
+def test_laravel_audience_rejections_are_the_native_ones(fields: dict[str, Any]) -> None:
+    with pytest.raises(Rejected) as native:
+        decode({"data": 1, "event": "e", **fields})
+    with pytest.raises(Rejected) as info:
+        laravel({"event": "e", "data": 1, "socket": None, **fields})
+    assert (info.value.code, info.value.message) == (native.value.code, native.value.message)
+    assert info.value.code in REJECT_REASONS

@@ -542,6 +542,7 @@ def reload_config(
 [auth]
 mode = "jwt"
 grants = {json.dumps(grants)}
+public_channels = ["news"]
 query_param = "token"  # SSE_BROKER_AUTH_QUERY_PARAM overrides it, before and after reloads
 
 [auth.jwt]
@@ -581,7 +582,10 @@ async def test_sighup_applies_auth_limits_grants_and_log_level_without_dropping_
     assert (await status_of(http, url, bearer(token_a)))[0] == 403  # "extra" not granted yet
     await publish(redis_client, "nobody-before", "x")  # a debug line, not logged at info
 
-    async with open_stream(broker, "news", headers=bearer(token_a)) as old:
+    async with (
+        open_stream(broker, "news", headers=bearer(token_a)) as revoked,
+        open_stream(broker, "news") as old,  # anonymous: "news" is public
+    ):
         await reload(
             broker,
             reload_config(
@@ -589,7 +593,10 @@ async def test_sighup_applies_auth_limits_grants_and_log_level_without_dropping_
             ),
             "configuration reloaded",
         )
-        # the open stream stays and keeps receiving
+        # the stream whose key was rotated out ends now (issue 10); the other
+        # open stream stays and keeps receiving
+        event = await revoked.next_event()
+        assert (event.type, event.json()["reason"]) == ("broker.reconnect", "revoked")
         await publish(redis_client, "news", "after reload")
         assert (await old.next_event()).data == "after reload"
         # rotated secret: the old token is refused, the new one works; grants widened;
@@ -599,7 +606,7 @@ async def test_sighup_applies_auth_limits_grants_and_log_level_without_dropping_
         # the environment of the start still beats the file: the token is read from ?jwt=
         status, doc, _ = await status_of(http, broker.events_url("news", jwt=token_a))
         assert (status, doc["error"]) == (401, "bad_signature"), doc
-        status, doc, _ = await status_of(http, broker.events_url("news", token=token_b))
+        status, doc, _ = await status_of(http, broker.events_url("extra", token=token_b))
         assert (status, doc["error"]) == (401, "credentials_required"), doc
         async with open_stream(broker, "news", "extra", headers=bearer(token_b)) as new:
             # limits.max_connections lowered to 2: a third stream is refused, retryably

@@ -301,7 +301,9 @@ async def post_disconnect(
 ) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     async with http.post(
-        f"{broker.admin_url}/admin/disconnect", data=data, headers=headers
+        f"{broker.admin_url}/admin/disconnect",
+        data=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
     ) as resp:
         return resp.status, orjson.loads(await resp.read())
 

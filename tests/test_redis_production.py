@@ -555,7 +555,10 @@ async def test_tls_streams_events_and_publishes(
             async with http.post(
                 broker.admin_url + "/publish",  # type: ignore[operator]
                 data=orjson.dumps({"channel": "news", "data": "published over tls"}),
-                headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+                headers={
+                    "Authorization": f"Bearer {PUBLISH_KEY}",
+                    "Content-Type": "application/json",
+                },
             ) as resp:
                 assert resp.status == 200, await resp.text()
             assert (await s.next_event()).data == "published over tls"

@@ -34,6 +34,7 @@ from sse_client import SSEClient, SSEEvent, SSEStream
 
 SECRET = "workers-test-secret-0123456789abcdef0123456789abcdef"
 PUBLISH_KEY = "workers-publish-key-0123456789abcdef"
+JSON = "application/json"  # every admin POST must say so
 N_STREAMS = 200
 
 
@@ -187,7 +188,7 @@ async def test_two_workers_share_streams_publish_disconnect_and_drain(
         async with http.post(
             supervisor.admin_url + "/publish",  # type: ignore[operator]
             data=orjson.dumps({"channel": "news", "event": "two", "data": {"n": 2}}),
-            headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+            headers={"Authorization": f"Bearer {PUBLISH_KEY}", "Content-Type": JSON},
         ) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["published"] == 1
@@ -196,7 +197,7 @@ async def test_two_workers_share_streams_publish_disconnect_and_drain(
         async with http.post(
             supervisor.admin_url + "/publish",  # type: ignore[operator]
             data=b'{"channel": "news", "data": 3}',
-            headers={"Authorization": "Bearer wrong-key"},
+            headers={"Authorization": "Bearer wrong-key", "Content-Type": JSON},
         ) as resp:
             assert resp.status == 401
         delivered = await supervisor.metric("sse_broker_events_delivered_total")
@@ -206,7 +207,7 @@ async def test_two_workers_share_streams_publish_disconnect_and_drain(
         async with http.post(
             supervisor.admin_url + "/admin/disconnect",  # type: ignore[operator]
             data=b'{"user": "u1"}',
-            headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+            headers={"Authorization": f"Bearer {PUBLISH_KEY}", "Content-Type": JSON},
         ) as resp:
             assert resp.status == 200, await resp.text()
             assert await resp.json() == {"disconnected": N_STREAMS // 2}
@@ -215,8 +216,8 @@ async def test_two_workers_share_streams_publish_disconnect_and_drain(
         revoked = await next_events(u1)
         assert {(e.type, e.json()["reason"]) for e in revoked} == {("broker.reconnect", "revoked")}
         assert all(await asyncio.gather(*(s.wait_closed() for s in u1)))
-        log = await wait_log(supervisor, r"admin disconnect user=u1 tenant=None: \d+", 2)
-        closed = [int(n) for n in re.findall(r"admin disconnect user=u1 tenant=None: (\d+)", log)]
+        log = await wait_log(supervisor, r"admin disconnect user=u1 tenant=-: \d+", 2)
+        closed = [int(n) for n in re.findall(r"admin disconnect user=u1 tenant=-: (\d+)", log)]
         assert len(closed) == 2 and sum(closed) == N_STREAMS // 2, closed
         assert min(closed) > 0, f"u1 had streams on both workers: {closed}"
         assert (

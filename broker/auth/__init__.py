@@ -38,6 +38,7 @@ class Identity:
     tenant: str | None = None
     grants: Grants = NO_GRANTS
     expires_at: float | None = None  # epoch seconds (JWT exp): the stream ends then
+    key: str | None = None  # JWT: fingerprint of the key that verified the token
 
 
 ANONYMOUS = Identity()
@@ -45,6 +46,10 @@ ANONYMOUS = Identity()
 
 class Authenticator(Protocol):
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity: ...
+
+    def verifies(self, key: str) -> bool:
+        """Whether the key with this fingerprint (``Identity.key``) is still configured."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -72,6 +77,9 @@ class NoAuth:
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
         return ANONYMOUS
+
+    def verifies(self, key: str) -> bool:
+        return False
 
     async def close(self) -> None:
         return None

@@ -167,15 +167,28 @@ class AppAuth(Generic[T]):
         return self._session
 
     def credentials_key(self, creds: Credentials) -> str | None:
-        """Hash of ``Authorization`` and the ``credential_cookies``; None without either."""
-        cookies = [
-            f"{name}={creds.cookies[name]}"
-            for name in self.cfg.credential_cookies
-            if name in creds.cookies
-        ]
-        if not creds.authorization and not cookies:
+        """The cache and coalescing key for ``creds``; None without credentials.
+
+        Credentials are ``Authorization`` or one of the ``credential_cookies``.
+        The key covers everything forwarded to the app that can change its
+        answer: the raw ``Cookie`` header (not the parsed cookies: with a
+        cookie sent twice aiohttp keeps the last, PHP the first), the
+        ``Authorization``, the host (domain tenancy) and the client address.
+        """
+        if not creds.authorization and not any(
+            name in creds.cookies for name in self.cfg.credential_cookies
+        ):
             return None
-        return credential_key(creds.authorization, *cookies)
+        return credential_key(
+            creds.authorization,
+            creds.cookie_header,
+            creds.host,
+            creds.forwarded_host,
+            creds.forwarded_for,
+        )
+
+    def verifies(self, key: str) -> bool:
+        return False  # no keys: the app is asked again instead (broker.recheck)
 
     async def close(self) -> None:
         if self._session is not None:

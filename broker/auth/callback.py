@@ -20,6 +20,7 @@ from broker.auth.backend import AppAuth
 from broker.auth.grants import Grants, expand
 from broker.config import Config
 from broker.errors import Forbidden, Retryable, Unauthorized
+from broker.ids import InvalidId, as_id
 from broker.metrics import Metrics, Stats
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,14 @@ def forwarded_headers(creds: Credentials) -> dict[str, str]:
 
 
 def _id(value: Any, field: str) -> str | None:
-    if value is None:
+    if value is None or value == "":
         return None
-    if isinstance(value, str):
-        return value or None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise unavailable(f"auth callback answered a bad {field!r}: expected a string or an integer")
+    try:
+        return as_id(value)
+    except InvalidId as exc:
+        # The app's answer is broken, not the client: fail closed, retryable.
+        log.warning("auth callback answered a bad %r: %s", field, exc)
+        raise unavailable(f"auth callback answered a bad {field!r}") from None
 
 
 class CallbackAuth(AppAuth[Identity]):

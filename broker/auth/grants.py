@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from broker.errors import Forbidden
+
 # Public patterns never open private or presence channels, whatever they say.
 _PROTECTED = ("private-", "presence-")
 
@@ -19,23 +21,61 @@ def escape_glob(value: str) -> str:
     return value.translate(_GLOB_ESCAPES)
 
 
+PLACEHOLDER = re.compile(r"\{(user|tenant)\}")
+_WILDCARDS = frozenset("*?[")
+
+
+def crossing_problem(pattern: str) -> str | None:
+    """Why ``pattern`` can never be safe, whatever the ids: a placeholder directly
+    followed by a wildcard (``tenant.{tenant}*``) lets tenant ``a`` match tenant
+    ``ab``'s channels. None when the pattern is fine."""
+    for match in PLACEHOLDER.finditer(pattern):
+        rest = pattern[match.end() :]
+        if _WILDCARDS & set(rest) and (not rest or rest[0] in "*?[{"):
+            return (
+                f"{match.group(0)} is followed by a wildcard or another placeholder, so one "
+                "identity's channels would match another's; put a separator after it "
+                "(e.g. 'tenant.{tenant}.*')"
+            )
+    return None
+
+
 def expand(patterns: Iterable[str], user: str | None, tenant: str | None) -> list[str]:
-    """Patterns with ``{user}``/``{tenant}`` filled in (escaped).
+    """Patterns with ``{user}``/``{tenant}`` filled in, in one pass (a user id that
+    reads ``{tenant}`` stays literal), each value escaped (a ``*`` widens nothing).
 
     A pattern naming a placeholder the identity lacks grants nothing and is
     dropped (``user.{user}`` for a connection without a user is not ``user.``).
+
+    Ids may contain the characters channel names use as separators, so
+    ``tenant.{tenant}.*`` for tenant ``a`` would also match tenant ``a.b``'s
+    channels. Such an identity is refused instead (Forbidden,
+    ``ambiguous_identity``): when a wildcard follows a placeholder, its value
+    must not contain the separator right after the placeholder. ``user.{user}``
+    (no wildcard after it) takes any id.
     """
+    values = {"user": user, "tenant": tenant}
     out: list[str] = []
     for pattern in patterns:
-        if "{user}" in pattern:
-            if not user:
+        names = PLACEHOLDER.findall(pattern)
+        if not names:
+            out.append(pattern)
+            continue
+        if not all(values[name] for name in names):
+            continue
+        for match in PLACEHOLDER.finditer(pattern):
+            value = values[match.group(1)] or ""
+            rest = pattern[match.end() :]
+            if not _WILDCARDS & set(rest):
                 continue
-            pattern = pattern.replace("{user}", escape_glob(user))
-        if "{tenant}" in pattern:
-            if not tenant:
-                continue
-            pattern = pattern.replace("{tenant}", escape_glob(tenant))
-        out.append(pattern)
+            separator = rest[:1]
+            if separator in ("", "*", "?", "[", "{") or separator in value:
+                raise Forbidden(
+                    f"the {match.group(1)} id {value[:64]!r} contains {separator or 'nothing'!r}, "
+                    f"so grant {pattern!r} would also match other identities' channels",
+                    code="ambiguous_identity",
+                )
+        out.append(PLACEHOLDER.sub(lambda m: escape_glob(values[m.group(1)] or ""), pattern))
     return out
 
 

@@ -6,26 +6,31 @@ EdDSA tokens — so ``alg: none`` and HS/RS key confusion are impossible by
 construction. Several keys may be configured for rotation; a token's ``kid``
 picks the key when present.
 
-Key files: ``secret_file`` holds one secret per line, optionally preceded by
-its kid (``<kid> <secret>``); ``public_key_file`` holds PEM public keys, each
-optionally preceded by a ``kid: <name>`` line.
+Key files (read strictly by ``broker.keyfiles``): ``secret_file`` holds one
+``<secret>`` or ``<kid> <secret>`` per line; ``public_key_file`` holds PEM
+public keys, each optionally preceded by a ``kid: <name>`` line. An EC key
+verifies only the algorithm of its curve (P-256 ES256, P-384 ES384, P-521
+ES512), so a token is only ever tried against keys that can check it.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from jwt.algorithms import HMACAlgorithm
 
 from broker.auth import ANONYMOUS, Credentials, Identity
 from broker.auth.grants import Grants, expand
 from broker.config import Config, JwtConfig, read_config_file
 from broker.errors import ConfigError, Unauthorized
+from broker.ids import InvalidId, as_id
+from broker.keyfiles import PublicKey, parse_public_keys, parse_secrets
 
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -33,10 +38,13 @@ EC_ALGS = frozenset({"ES256", "ES384", "ES512"})
 ED_ALGS = frozenset({"EdDSA"})
 MAX_EXP = 1 << 40  # year 36812: later "expiries" are garbage, not tokens
 
-_PEM_BLOCK = re.compile(
-    r"(?:^kid:\s*(?P<kid>\S+)\s*\n)?(?P<pem>-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----)",
-    re.S | re.M,
-)
+# PyJWT checks an EC key's curve against the token's alg and raises
+# InvalidKeyError on a mismatch: each curve serves exactly one alg.
+_EC_CURVE_ALGS: dict[str, frozenset[str]] = {
+    ec.SECP256R1.name: frozenset({"ES256"}),
+    ec.SECP384R1.name: frozenset({"ES384"}),
+    ec.SECP521R1.name: frozenset({"ES512"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,38 +53,64 @@ class Key:
     material: Any = field(repr=False)  # bytes secret or a cryptography public key
     kid: str | None = None
 
+    @property
+    def fingerprint(self) -> str:
+        """Names this key (not its kid) without revealing it: what a stream keeps
+        to learn, on reload, whether the key that let it in is still trusted."""
+        raw = self.material
+        if not isinstance(raw, bytes):
+            raw = raw.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(b"sse-broker jwt key\0" + raw).hexdigest()[:32]
 
-def _public_algorithms(key: Any) -> frozenset[str]:
+
+def _public_algorithms(entry: PublicKey, path: str) -> frozenset[str]:
+    key = entry.key
+    where = f"auth.jwt.public_key_file: {path} line {entry.line}"
     if isinstance(key, rsa.RSAPublicKey):
         return RSA_ALGS
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return EC_ALGS
+        algs = _EC_CURVE_ALGS.get(key.curve.name)
+        if algs is None:
+            raise ConfigError(
+                f"{where}: EC curve {key.curve.name} has no accepted algorithm "
+                "(P-256 for ES256, P-384 for ES384, P-521 for ES512)"
+            )
+        return algs
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return ED_ALGS
-    raise ConfigError(f"auth.jwt.public_key_file: unsupported key type {type(key).__name__}")
+    raise ConfigError(f"{where}: unsupported key type {type(key).__name__}")
+
+
+def _hmac_secret(where: str, secret: str) -> bytes:
+    """The secret as bytes, refused at load if PyJWT would refuse it at every verify."""
+    raw = secret.encode()
+    try:
+        # PyJWT rejects secrets that look like PEM, SSH, DER or JWK keys (key
+        # confusion); found per request, that would be an error for every token.
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(raw)
+    except jwt.InvalidKeyError as exc:
+        raise ConfigError(f"{where}: unusable HMAC secret: {exc}") from None
+    return raw
 
 
 def load_keys(cfg: JwtConfig) -> list[Key]:
-    """Every verification key the config names, each tied to its algorithm family."""
+    """Every verification key the config names, each tied to the algorithms it can verify.
+
+    Raises ConfigError naming the key, file and line for any malformed key file.
+    """
     allowed = frozenset(cfg.algorithms)
     keys: list[Key] = []
     if cfg.secret:
-        keys.append(Key(HMAC_ALGS & allowed, cfg.secret.encode()))
+        keys.append(Key(HMAC_ALGS & allowed, _hmac_secret("auth.jwt.secret", cfg.secret)))
     if cfg.secret_file:
-        for line in read_config_file("auth.jwt.secret_file", cfg.secret_file).splitlines():
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            kid, secret = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
-            keys.append(Key(HMAC_ALGS & allowed, secret.encode(), kid))
+        name, path = "auth.jwt.secret_file", cfg.secret_file
+        for entry in parse_secrets(name, path, read_config_file(name, path)):
+            secret = _hmac_secret(f"{name}: {path} line {entry.line}", entry.secret)
+            keys.append(Key(HMAC_ALGS & allowed, secret, entry.kid))
     if cfg.public_key_file:
-        text = read_config_file("auth.jwt.public_key_file", cfg.public_key_file)
-        for match in _PEM_BLOCK.finditer(text):
-            try:
-                public = load_pem_public_key(match.group("pem").encode())
-            except ValueError as exc:
-                raise ConfigError(f"auth.jwt.public_key_file: bad PEM key: {exc}") from None
-            keys.append(Key(_public_algorithms(public) & allowed, public, match.group("kid")))
+        name, path = "auth.jwt.public_key_file", cfg.public_key_file
+        for pub in parse_public_keys(name, path, read_config_file(name, path)):
+            keys.append(Key(_public_algorithms(pub, path) & allowed, pub.key, pub.kid))
         if not any(k.algorithms - HMAC_ALGS for k in keys):
             raise ConfigError(
                 f"auth.jwt.public_key_file: no public key for {sorted(allowed - HMAC_ALGS)} "
@@ -94,12 +128,10 @@ def load_keys(cfg: JwtConfig) -> list[Key]:
 def _claim_id(claims: dict[str, Any], name: str) -> str | None:
     if not name or claims.get(name) is None:
         return None
-    value = claims[name]
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise Unauthorized(f"token claim {name!r} must be a string or an integer", code="bad_claims")
+    try:
+        return as_id(claims[name])
+    except InvalidId as exc:
+        raise Unauthorized(f"token claim {name!r}: {exc}", code="bad_claims") from None
 
 
 class JwtAuth:
@@ -108,11 +140,17 @@ class JwtAuth:
         self.grants = cfg.auth.grants
         self.keys = load_keys(self.cfg)
         self.algorithms = frozenset(self.cfg.algorithms)
+        # One str object per key, shared by every stream it let in.
+        self._fingerprints = {id(k): k.fingerprint for k in self.keys}
+        self._trusted = frozenset(self._fingerprints.values())
+
+    def verifies(self, key: str) -> bool:
+        return key in self._trusted
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
         if creds.token is None:
             return ANONYMOUS
-        claims = self.verify(creds.token)
+        claims, key = self.verify_with_key(creds.token)
         c = self.cfg
         user = _claim_id(claims, c.user_claim)
         tenant = _claim_id(claims, c.tenant_claim)
@@ -130,20 +168,28 @@ class JwtAuth:
             user=user,
             tenant=tenant,
             grants=Grants.compile(expand([*granted, *self.grants], user, tenant)),
+            key=self._fingerprints[id(key)],
             expires_at=float(exp),
         )
 
     def verify(self, token: str) -> dict[str, Any]:
         """The verified claims, or Unauthorized whose code says what was wrong."""
+        return self.verify_with_key(token)[0]
+
+    def verify_with_key(self, token: str) -> tuple[dict[str, Any], Key]:
+        """The verified claims and the key that verified them, or Unauthorized."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:  # the root: no PyJWT error may become a 500
             raise Unauthorized("malformed token", code="malformed_token") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise Unauthorized(f"token algorithm {alg!r} is not accepted", code="bad_algorithm")
         kid = header.get("kid")
         candidates = [k for k in self.keys if alg in k.algorithms]
+        if not candidates:
+            # Accepted, but no key can check it (e.g. ES384 with only a P-256 key).
+            raise Unauthorized(f"no configured key verifies {alg} tokens", code="bad_algorithm")
         if isinstance(kid, str) and any(k.kid == kid for k in candidates):
             candidates = [k for k in candidates if k.kid == kid]
         elif kid is not None:
@@ -151,7 +197,7 @@ class JwtAuth:
         if not candidates:
             raise Unauthorized(f"no key for token kid {kid!r}", code="unknown_kid")
         c = self.cfg
-        last: jwt.InvalidTokenError | None = None
+        last: jwt.PyJWTError | None = None
         for key in candidates:
             try:
                 claims: dict[str, Any] = jwt.decode(
@@ -169,9 +215,12 @@ class JwtAuth:
                         "verify_sub": False,
                     },
                 )
-                return claims
-            except jwt.InvalidSignatureError as exc:
-                last = exc  # another rotation key may match
+                return claims, key
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError) as exc:
+                # Another rotation key may match. A key PyJWT refuses for this
+                # alg cannot verify the token either (candidates are filtered
+                # by alg, so this is a safety net, not a path).
+                last = exc
             except jwt.ExpiredSignatureError:
                 raise Unauthorized("token expired", code="token_expired") from None
             except jwt.InvalidAudienceError:
@@ -180,7 +229,7 @@ class JwtAuth:
                 raise Unauthorized("token issuer not accepted", code="bad_issuer") from None
             except jwt.MissingRequiredClaimError as exc:
                 raise Unauthorized(f"token lacks claim {exc.claim!r}", code="bad_claims") from None
-            except jwt.InvalidTokenError as exc:
+            except jwt.PyJWTError as exc:  # the root, not only InvalidTokenError
                 raise Unauthorized(f"invalid token: {exc}", code="invalid_token") from None
         raise Unauthorized("token signature does not verify", code="bad_signature") from last
 

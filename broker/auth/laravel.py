@@ -5,8 +5,9 @@ form ``channel_name``, ``socket_id`` to ``auth.laravel.url`` (the app's
 existing ``/broadcasting/auth``) exactly as Laravel Echo would from the
 browser: the browser's ``Cookie`` and ``Authorization``, ``X-XSRF-TOKEN``
 from the ``XSRF-TOKEN`` cookie, ``X-Requested-With: XMLHttpRequest`` and the
-original ``Host`` (domain-based tenancy). 2xx allows; 3xx (a redirect to the
-login page), 401, 403 and 419 (CSRF/session expired) deny; anything else
+original ``Host`` (domain-based tenancy). A 2xx allows only when its body is
+an answer a broadcaster gives (see :func:`_answer_user`); 3xx (a redirect to
+the login page), 401, 403 and 419 (CSRF/session expired) deny; anything else
 fails closed. A presence answer's ``channel_data.user_id`` becomes the user.
 Every other channel is public.
 """
@@ -27,6 +28,7 @@ from broker.auth.callback import forwarded_headers, unavailable
 from broker.auth.grants import Grants, escape_glob
 from broker.config import Config
 from broker.errors import Forbidden, Unauthorized
+from broker.ids import InvalidId, as_id
 from broker.metrics import Metrics, Stats
 
 log = logging.getLogger(__name__)
@@ -35,28 +37,47 @@ PROTECTED = ("private-", "presence-")
 DENY = frozenset({401, 403, 419})
 
 
-def _presence_user(body: bytes) -> str | None:
-    """``channel_data.user_id`` of a presence answer (an object, or a JSON string as
-    Pusher-style broadcasters send it); None for private channels' ``true``."""
+class NotAnAuthAnswer(ValueError):
+    """A 2xx from the auth URL that is not one of the answers a broadcaster gives."""
+
+
+def _answer_user(body: bytes, presence: bool) -> str:
+    """The user a 2xx answer vouches for ("" when it names none), or NotAnAuthAnswer.
+
+    Accepted, and nothing else: ``true`` (Laravel's Redis broadcaster, private
+    channels), an object with a string ``auth`` (Pusher and Reverb
+    broadcasters), or an object whose ``channel_data`` (an object, or a JSON
+    string as Pusher-style broadcasters send it) has a valid ``user_id``.
+    A presence channel needs ``channel_data``. An SPA fallback page, a
+    maintenance page or an empty 204 is not an answer: it must never open a
+    channel.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
+        raise NotAnAuthAnswer("not JSON") from None
+    if doc is True and not presence:
+        return ""
     if not isinstance(doc, dict):
-        return None
-    data: Any = doc.get("channel_data")
+        raise NotAnAuthAnswer("expected true or a JSON object")
+    if "channel_data" not in doc:
+        if presence:
+            raise NotAnAuthAnswer("a presence channel needs 'channel_data'")
+        if isinstance(doc.get("auth"), str):
+            return ""
+        raise NotAnAuthAnswer("an object without a string 'auth' or a 'channel_data'")
+    data: Any = doc["channel_data"]
     if isinstance(data, str):
         try:
             data = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return None
-    if isinstance(data, dict):
-        user = data.get("user_id")
-        if isinstance(user, str) and user:
-            return user
-        if isinstance(user, int) and not isinstance(user, bool):
-            return str(user)
-    return None
+            raise NotAnAuthAnswer("'channel_data' is a string but not JSON") from None
+    if not isinstance(data, dict):
+        raise NotAnAuthAnswer("'channel_data' is not an object")
+    try:
+        return as_id(data.get("user_id"))
+    except InvalidId as exc:
+        raise NotAnAuthAnswer(f"'channel_data.user_id': {exc}") from None
 
 
 class LaravelAuth(AppAuth[str]):
@@ -77,10 +98,7 @@ class LaravelAuth(AppAuth[str]):
             raise Unauthorized(
                 f"channel {protected[0]!r} requires a session", code="credentials_required"
             )
-        # The Host is part of the question: with domain-based tenancy one
-        # session cookie may be valid on several tenants' hosts.
-        key = f"{session}@{creds.host}"
-        users = await asyncio.gather(*(self._allowed(creds, key, c) for c in protected))
+        users = await asyncio.gather(*(self._allowed(creds, session, c) for c in protected))
         user = next((u for u in users if u), None)
         return Identity(
             user=user,
@@ -115,14 +133,30 @@ class LaravelAuth(AppAuth[str]):
             log.warning("laravel auth failed: %s", exc or type(exc).__name__)
             raise unavailable("the auth backend is unavailable") from None
         if 200 <= status < 300:
+            try:
+                user = _answer_user(body, channel.startswith("presence-"))
+            except NotAnAuthAnswer as exc:
+                # A catch-all route answered, not the broadcaster: fail closed.
+                self.stats.auth_calls["error"] += 1
+                log.warning(
+                    "laravel auth answered %s for %r without an auth answer (%s): "
+                    "is auth.laravel.url Broadcast::routes()?",
+                    status,
+                    channel,
+                    exc,
+                )
+                raise unavailable("the auth backend gave no valid answer") from None
             self.stats.auth_calls["allowed"] += 1
-            return _presence_user(body) or "", float(self.cfg.cache_ttl_seconds)
+            return user, float(self.cfg.cache_ttl_seconds)
         if status in DENY or 300 <= status < 400:
             self.stats.auth_calls["denied"] += 1
             if status == 403:
                 raise Forbidden(f"the app denied channel {channel!r}", code="channel_forbidden")
+            # A redirect (to the login page, or to https) is a refusal now but
+            # not a verdict on an open stream (broker.recheck keeps it).
             raise Unauthorized(
-                f"the app refused the session for {channel!r} (answered {status})", code="denied"
+                f"the app refused the session for {channel!r} (answered {status})",
+                code="denied" if status in DENY else "login_redirect",
             )
         self.stats.auth_calls["error"] += 1
         log.warning("laravel auth answered %s", status)

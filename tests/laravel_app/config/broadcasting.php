@@ -1,0 +1,8 @@
+<?php
+
+return [
+    'default' => 'redis',
+    'connections' => [
+        'redis' => ['driver' => 'redis', 'connection' => 'default'],
+    ],
+];
