@@ -228,18 +228,23 @@ def decode_laravel(channel: str, payload: bytes, max_bytes: int) -> Event:
     return Event(channel, text, event, socket=socket or None)
 
 
-def encode_native(event: Event) -> bytes:
-    """The native-format message that decodes back to ``event`` (the inverse of decode_native)."""
-    fields: dict[str, Any] = {"data": None if event.deletes else event.data}
-    if event.event != "message":
-        fields["event"] = event.event
+def _with_audience(fields: dict[str, Any], event: Event) -> dict[str, Any]:
+    """``fields`` plus the event's ``tenant``, ``users`` and ``retain``, when set."""
     if event.tenant is not None:
         fields["tenant"] = event.tenant
     if event.users is not None:
         fields["users"] = sorted(event.users)
     if event.retain is not None:
         fields["retain"] = event.retain
-    return orjson.dumps(fields)
+    return fields
+
+
+def encode_native(event: Event) -> bytes:
+    """The native-format message that decodes back to ``event`` (the inverse of decode_native)."""
+    fields: dict[str, Any] = {"data": None if event.deletes else event.data}
+    if event.event != "message":
+        fields["event"] = event.event
+    return orjson.dumps(_with_audience(fields, event))
 
 
 def encode_laravel(event: Event) -> bytes:
@@ -265,13 +270,7 @@ def encode_laravel(event: Event) -> bytes:
         except orjson.JSONDecodeError:
             data = event.data
     fields: dict[str, Any] = {"event": event.event, "data": data, "socket": event.socket}
-    if event.tenant is not None:
-        fields["tenant"] = event.tenant
-    if event.users is not None:
-        fields["users"] = sorted(event.users)
-    if event.retain is not None:
-        fields["retain"] = event.retain
-    return orjson.dumps(fields)
+    return orjson.dumps(_with_audience(fields, event))
 
 
 def encode_stream(event: Event) -> dict[str, str]:

@@ -425,16 +425,18 @@ class BrokerProcess:
         await self.wait_status("/readyz", 503, admin=self.admin_url is not None, timeout=timeout)
 
 
-def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO_ROOT
+) -> subprocess.Popen[bytes]:
     """Start a process with stdout+stderr to ``log_path``, in its own session (so that
-    teardown can kill it with everything it spawned)."""
+    teardown can kill it with everything it spawned, workers included)."""
     with log_path.open("wb") as log:
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=env,
             start_new_session=True,
         )
@@ -511,7 +513,7 @@ async def start_broker(
             child_env.update(env or {})
 
             log_path = tmp_path / f"broker-{n}.log"
-            proc = _spawn(argv, child_env, log_path)
+            proc = spawn(argv, child_env, log_path)
             handle = BrokerProcess(
                 proc,
                 argv=argv,

@@ -51,6 +51,11 @@ async def publish_when_subscribed(
             await asyncio.sleep(0.02)
 
 
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header carrying ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 def envelope(
     data: Any,
     *,

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import LOOPBACK, REPO_ROOT, RedisServer, free_port
+from conftest import LOOPBACK, REPO_ROOT, RedisServer, free_port, spawn
 
 APP_DIR = REPO_ROOT / "tests" / "laravel_app"
 PACKAGES = "php-cli php-redis php-laravel-framework"
@@ -191,13 +191,5 @@ def _spawn_php(php: str, port: int, env: dict[str, str], log_path: Path) -> subp
     log_path.parent.mkdir(parents=True, exist_ok=True)
     public = APP_DIR / "public"
     argv = [php, "-S", f"{LOOPBACK}:{port}", "-t", str(public), str(public / "index.php")]
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=APP_DIR,
-            env=env,
-            start_new_session=True,  # its workers are in its process group: killpg
-        )
+    # its own session: its workers are in its process group, killed with it
+    return spawn(argv, env, log_path, cwd=APP_DIR)

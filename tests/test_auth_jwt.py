@@ -26,7 +26,7 @@ import jwt
 from conftest import REPO_ROOT, BrokerProcess, StartBroker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from helpers import envelope, get, publish, stream
+from helpers import bearer, envelope, get, publish, stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sse_client import SSEClient
@@ -75,10 +75,6 @@ def pem(private: Any) -> str:
 
 async def jwt_broker(start_broker: StartBroker, *sets: str) -> BrokerProcess:
     return await start_broker("auth.mode=jwt", f"auth.jwt.secret={SECRET}", *sets)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def assert_alive(broker: BrokerProcess) -> None:

@@ -27,7 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import BrokerProcess, StartBroker
-from helpers import envelope, eventually, get, publish, serve, stream
+from helpers import bearer, envelope, eventually, get, publish, serve, stream
 from sse_client import SSEClient, SSEStream
 from test_stream_mode import STREAM_MODE, read_up_to, triples, xadd
 
@@ -42,10 +42,6 @@ def token(sub: Any = "u1", tenant: Any = None, channels: list[str] | None = None
     if channels is not None:
         claims["channels"] = channels
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-def bearer(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
 
 
 async def jwt_broker(start_broker: StartBroker, *sets: str, **kw: Any) -> BrokerProcess:

@@ -9,10 +9,7 @@ secret.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,11 +18,12 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from conftest import REPO_ROOT, StartBroker
+from conftest import StartBroker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from helpers import eventually, get
 from jwt.warnings import InsecureKeyLengthWarning
+from test_cli import run_cli
 
 from broker.config import config_warnings, load_config
 from broker.errors import ConfigError
@@ -276,19 +274,6 @@ def test_password_files_that_stop_the_broker(text: str, needle: str) -> None:
 
 
 # -- the command line and real brokers ------------------------------------------------------
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_BROKER_")}
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env=env,
-        timeout=30,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize(

@@ -194,7 +194,30 @@ async def read_refusal(s: SSEStream, app: LaravelApp, trigger: str) -> None:
     )
 
 
-async def assert_not_opened(
+@pytest.mark.parametrize(
+    ("path", "channel", "trigger"),
+    [
+        # auth.laravel.url off by a prefix: the app's catch-all route answers its HTML shell
+        ("/app/broadcasting/auth", "private-orders.1", "/orders/1/ship"),
+        ("/hostile/no-content", "private-orders.1", "/orders/1/ship"),
+        ("/hostile/false", "private-orders.1", "/orders/1/ship"),
+        ("/hostile/empty-object", "private-orders.1", "/orders/1/ship"),
+        ("/hostile/auth-not-a-string", "private-orders.1", "/orders/1/ship"),
+        # Laravel's own answer when a presence callback returns true: no channel_data
+        ("/broadcasting/auth", "presence-lobby", "/presence/lobby/say/leak"),
+        ("/hostile/empty-user-id", "presence-room.1", "/presence/room.1/say/leak"),
+    ],
+    ids=[
+        "catch-all-html-200",
+        "empty-204",
+        "json-false",
+        "object-without-auth-or-channel-data",
+        "non-string-auth",
+        "true-for-presence",
+        "empty-user-id-for-presence",
+    ],
+)
+async def test_an_answer_that_is_not_a_broadcasters_does_not_open_the_channel(
     start_broker: StartBroker,
     app: LaravelApp,
     http: aiohttp.ClientSession,
@@ -221,71 +244,3 @@ async def assert_not_opened(
     assert isinstance(body.get("message"), str), body
     assert int(resp_headers["Retry-After"]) >= 1
     assert await backend_calls(broker, "allowed") == 0
-
-
-async def test_catch_all_html_200_does_not_open_a_private_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    # auth.laravel.url off by a prefix: the app's catch-all route answers its HTML shell
-    await assert_not_opened(
-        start_broker, app, http, "/app/broadcasting/auth", "private-orders.1", "/orders/1/ship"
-    )
-
-
-async def test_empty_204_does_not_open_a_private_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    await assert_not_opened(
-        start_broker, app, http, "/hostile/no-content", "private-orders.1", "/orders/1/ship"
-    )
-
-
-async def test_json_false_does_not_open_a_private_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    await assert_not_opened(
-        start_broker, app, http, "/hostile/false", "private-orders.1", "/orders/1/ship"
-    )
-
-
-async def test_json_object_without_auth_or_channel_data_does_not_open_a_private_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    await assert_not_opened(
-        start_broker, app, http, "/hostile/empty-object", "private-orders.1", "/orders/1/ship"
-    )
-
-
-async def test_non_string_auth_does_not_open_a_private_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    await assert_not_opened(
-        start_broker, app, http, "/hostile/auth-not-a-string", "private-orders.1", "/orders/1/ship"
-    )
-
-
-async def test_true_does_not_open_a_presence_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    # Laravel's own answer when a presence callback returns true: no channel_data
-    await assert_not_opened(
-        start_broker,
-        app,
-        http,
-        "/broadcasting/auth",
-        "presence-lobby",
-        "/presence/lobby/say/leak",
-    )
-
-
-async def test_channel_data_with_an_empty_user_id_does_not_open_a_presence_channel(
-    start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
-) -> None:
-    await assert_not_opened(
-        start_broker,
-        app,
-        http,
-        "/hostile/empty-user-id",
-        "presence-room.1",
-        "/presence/room.1/say/leak",
-    )

@@ -30,7 +30,7 @@ import jwt
 import orjson
 import pytest
 from conftest import BrokerProcess, StartBroker
-from helpers import eventually, publish
+from helpers import bearer, eventually, publish
 from sse_client import SSEClient, SSEEvent, SSEStream, SSEStreamClosed
 
 SECRET_A = "lifecycle-secret-A-" + "0123456789abcdef" * 3
@@ -123,10 +123,6 @@ def block_of(raw: bytes, event_type: str) -> dict[str, str]:
 def mint(secret: str, *, ttl: float = 300, **claims: Any) -> str:
     payload = {"sub": "u1", "exp": int(time.time() + ttl), **claims}
     return jwt.encode(payload, secret, algorithm="HS256")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def status_of(

@@ -21,7 +21,7 @@ import jwt
 import orjson
 import pytest
 from conftest import BrokerProcess, StartBroker
-from helpers import envelope, eventually, get, publish, stream
+from helpers import bearer, envelope, eventually, get, publish, stream
 from sse_client import SSEClient, SSEStream
 
 SECRET = "limits-test-secret-" + "0123456789abcdef" * 4
@@ -34,10 +34,6 @@ def token(user: str | None = "u1", tenant: str | None = None, channels: Any = ("
     if tenant is not None:
         claims["tenant"] = tenant
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-def bearer(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
 
 
 async def refused_429(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> None:
