@@ -52,7 +52,7 @@ RECHECK_IN_FLIGHT = 8
 
 # What a reload cannot change under a running process (None: the whole section).
 _RESTART_KEYS: dict[str, frozenset[str] | None] = {
-    "server": frozenset({"listen", "path", "workers"}),
+    "server": frozenset({"listen", "path", "workers", "header_timeout_seconds"}),
     "admin": None,
     "redis": None,
     "ingest": None,
@@ -471,6 +471,7 @@ class Broker:
                 listen=old.server.listen,
                 path=old.server.path,
                 workers=old.server.workers,
+                header_timeout_seconds=old.server.header_timeout_seconds,
             ),
             admin=old.admin,
             redis=old.redis,

@@ -116,6 +116,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     workers: int = 1
+    header_timeout_seconds: int = 10
 
     @property
     def listen_address(self) -> Listen:
@@ -138,6 +139,7 @@ class RedisConfig:
     password_file: str = ""
     sentinels: tuple[str, ...] = ()
     sentinel_master: str = ""
+    max_connections: int = 32
 
     __repr__ = _safe_repr
 
@@ -163,6 +165,8 @@ class ReplayConfig:
     max_bytes: int = 67108864
     max_retained_keys: int = 100000
     max_retained_bytes: int = 67108864
+    max_resume_scan: int = 100000
+    max_concurrent_scans: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,7 @@ class CallbackConfig:
 @dataclass(frozen=True, slots=True)
 class LaravelConfig:
     url: str = "http://127.0.0.1/broadcasting/auth"
+    max_channels_per_request: int = 8
     credential_cookies: tuple[str, ...] = ("laravel_session",)
     timeout_seconds: float = 2.0
     cache_ttl_seconds: int = 30
@@ -218,6 +223,7 @@ class AuthConfig:
     cookie: str = "sse_token"
     query_param: str = "token"
     recheck_interval_seconds: int = 600
+    max_calls_per_client: int = 4
     jwt: JwtConfig = field(default_factory=JwtConfig)
     callback: CallbackConfig = field(default_factory=CallbackConfig)
     laravel: LaravelConfig = field(default_factory=LaravelConfig)
@@ -243,6 +249,7 @@ class LimitsConfig:
     max_connections: int = 100000
     max_connections_per_tenant: int = 0
     max_connections_per_ip: int = 0
+    max_pending_connections_per_ip: int = 64
     max_channels_per_connection: int = 32
     max_event_bytes: int = 262144
     write_buffer_bytes: int = 262144
@@ -588,9 +595,11 @@ _CHECKS: dict[str, Check] = {
     "server.cors_origins": _each(_origin),
     "server.trusted_proxies": _each(_ip_or_network),
     "server.workers": _between(1, 256),
+    "server.header_timeout_seconds": _between(1, 300),
     "admin.listen": _listen(allow_empty=True),
     "redis.url": _redis_url,
     "redis.sentinels": _each(_host_port),
+    "redis.max_connections": _between(4, 10000),
     "ingest.mode": _one_of("pubsub", "stream"),
     "ingest.format": _one_of("native", "laravel"),
     "ingest.stream_key": _non_empty,
@@ -600,6 +609,8 @@ _CHECKS: dict[str, Check] = {
     "replay.max_bytes": _at_least(0),
     "replay.max_retained_keys": _at_least(0),
     "replay.max_retained_bytes": _at_least(0),
+    "replay.max_resume_scan": _at_least(0),
+    "replay.max_concurrent_scans": _between(1, 1000),
     "sse.heartbeat_seconds": _between(1, 3600),
     "sse.retry_ms": _between(0, 3_600_000),
     "sse.max_connection_age_seconds": _zero_or_at_least(10),
@@ -610,6 +621,7 @@ _CHECKS: dict[str, Check] = {
     "auth.cookie": _cookie_name(allow_empty=True),
     "auth.query_param": _query_param,
     "auth.recheck_interval_seconds": _zero_or_at_least(10),
+    "auth.max_calls_per_client": _at_least(1),
     "auth.jwt.algorithms": _algorithms,
     "auth.jwt.user_claim": _non_empty,
     "auth.jwt.leeway_seconds": _between(0, 300),
@@ -619,6 +631,7 @@ _CHECKS: dict[str, Check] = {
     "auth.callback.cache_ttl_seconds": _at_least(0),
     "auth.callback.max_concurrency": _at_least(1),
     "auth.laravel.url": _http_url,
+    "auth.laravel.max_channels_per_request": _between(1, 1000),
     "auth.laravel.credential_cookies": _each(_cookie_name(allow_empty=False)),
     "auth.laravel.timeout_seconds": _seconds(60),
     "auth.laravel.cache_ttl_seconds": _at_least(0),
@@ -627,6 +640,7 @@ _CHECKS: dict[str, Check] = {
     "limits.max_connections": _at_least(0),
     "limits.max_connections_per_tenant": _at_least(0),
     "limits.max_connections_per_ip": _at_least(0),
+    "limits.max_pending_connections_per_ip": _at_least(0),
     "limits.max_channels_per_connection": _at_least(1),
     "limits.max_event_bytes": _between(64, 67_108_864),
     "limits.write_buffer_bytes": _at_least(4096),

@@ -136,9 +136,10 @@ def test_known_keys_are_dotted_and_cover_nested_sections() -> None:
     assert "auth.laravel.max_concurrency" in keys
     # the 57 keys of DESIGN.md plus replay.max_retained_keys / max_retained_bytes,
     # ingest.canary_interval_seconds, sse.write_timeout_seconds and
-    # auth.recheck_interval_seconds (issue 10)
+    # auth.recheck_interval_seconds (issue 10), and issue 11's seven keys
     assert "auth.recheck_interval_seconds" in keys
-    assert len(keys) == len(set(keys)) == 62
+    assert "server.header_timeout_seconds" in keys
+    assert len(keys) == len(set(keys)) == 69
 
 
 def test_env_var_names() -> None:
