@@ -14,7 +14,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import fields, replace
 
@@ -25,12 +24,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from broker import control
 from broker.access import Cors, trusted_networks
+from broker.admission import Admission
 from broker.auth.factory import build_authenticator
 from broker.auth.grants import Grants
 from broker.config import Config
 from broker.connection import Connection
 from broker.envelope import decode_laravel, decode_native, decode_stream
-from broker.errors import Rejected, Retryable
+from broker.errors import Rejected
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
 from broker.ingest import CANARY_PREFIX, Dispatcher
@@ -91,8 +91,7 @@ class Broker:
         self.auth = build_authenticator(cfg, self.stats, self.metrics)
         self.cors = Cors(cfg.server.cors_origins)
         self.trusted = trusted_networks(cfg.server.trusted_proxies)
-        self.per_tenant: Counter[str] = Counter()
-        self.per_ip: Counter[str] = Counter()
+        self.admission = Admission(cfg.limits)
         self.target = redis_target(cfg.redis)
         self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
@@ -135,6 +134,7 @@ class Broker:
         self._canary_count = 0
         self._checked_seq = -1
         self._canary_tasks: set[asyncio.Task[None]] = set()
+        self._catching_up: list[tuple[int, asyncio.Future[None]]] = []
         self.watchdog = Periodic(float(cfg.ingest.canary_interval_seconds or 1), self._watch)
         self.rechecker = Rechecker(
             float(cfg.auth.recheck_interval_seconds or 600),
@@ -193,8 +193,10 @@ class Broker:
         if seq > self.hub.seq:
             self.hub.head, self.hub.seq = deleted, seq
         self._mark_gap("expired")
+        self._wake_catch_ups()
 
     async def _after_stream_batch(self) -> None:
+        self._wake_catch_ups()
         try:
             await self.redis_retained.flush(self.redis())
         except (RedisError, OSError) as exc:
@@ -205,33 +207,39 @@ class Broker:
     async def catch_up(self, last_id: str | None) -> None:
         """Stream mode: a client coming from an instance that read further than
         this one waits (briefly) until this reader reached its position, so
-        nothing is replayed twice or skipped."""
+        nothing is replayed twice or skipped. Woken by the reader, not polled."""
         if not self.stream_mode or last_id is None:
             return
         seq = stream_seq(last_id)
         if seq is None or seq <= self.hub.seq:
             return
-        with contextlib.suppress(TimeoutError):
+        if (seq >> 64) > time.time() * 1000 + CATCH_UP_SECONDS * 1000:
+            return  # an id from the future: no reader will ever reach it
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (seq, waiter)
+        self._catching_up.append(entry)
+        try:
             async with asyncio.timeout(CATCH_UP_SECONDS):
-                # A rare path (cross-instance resume), bounded: polling beats
-                # a waiter check on every published event.
-                while self.hub.seq < seq:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            # Timed out or cancelled (the client left): not woken, so still listed.
+            if not waiter.done() or waiter.cancelled():
+                waiter.cancel()
+                self._catching_up.remove(entry)
 
-    def check_limits(self, tenant: str | None, ip: str) -> None:
-        """Raise the retryable 429 when a connection limit is reached (limits are per process)."""
-        limits = self.cfg.limits
-        hit = None
-        if 0 < limits.max_connections <= len(self.hub.connections):
-            hit = "limits.max_connections"
-        elif tenant and 0 < limits.max_connections_per_tenant <= self.per_tenant[tenant]:
-            hit = "limits.max_connections_per_tenant"
-        elif ip and 0 < limits.max_connections_per_ip <= self.per_ip[ip]:
-            hit = "limits.max_connections_per_ip"
-        if hit is not None:
-            raise Retryable(
-                f"{hit} reached", code="too_many_connections", status=429, reason="limit"
-            )
+    def _wake_catch_ups(self) -> None:
+        if not self._catching_up:
+            return
+        seq = self.hub.seq
+        waiting = []
+        for entry in self._catching_up:
+            if entry[0] <= seq:
+                entry[1].set_result(None)
+            else:
+                waiting.append(entry)
+        self._catching_up = waiting
 
     def register(self, conn: Connection, expires_at: float | None = None) -> tuple[int, str]:
         """Subscribe ``conn`` (paused) and return the position it was registered at.
@@ -244,9 +252,6 @@ class Broker:
         self.heartbeats.add(conn)
         if conn.credentials is not None:
             self.rechecker.add(conn)
-        if conn.tenant:
-            self.per_tenant[conn.tenant] += 1
-        self.per_ip[conn.remote] += 1
         loop = asyncio.get_running_loop()
         if expires_at is not None:
             # At the same instant admission stops accepting the token (exp +
@@ -265,11 +270,6 @@ class Broker:
         self.rechecker.remove(conn)
         self.deadlines.forget(conn)
         self.hub.remove(conn)
-        for counter, key in ((self.per_tenant, conn.tenant), (self.per_ip, conn.remote)):
-            if key is not None:
-                counter[key] -= 1
-                if counter[key] <= 0:
-                    del counter[key]
 
     def _deadline(self, conn: Connection, reason: str) -> None:
         retry = control.jitter(self.cfg.sse.retry_ms)
@@ -445,6 +445,9 @@ class Broker:
             "history_events": self.history.events,
             "history_bytes": self.history.bytes,
             "retained_keys": self.retained.keys,
+            "admission_slots": self.admission.total,
+            "deadline_entries": len(self.deadlines) + self.rechecker.pending,
+            "catch_up_waiters": len(self._catching_up),
         }
 
     # -- reload (SIGHUP) ---------------------------------------------------------------
@@ -496,6 +499,7 @@ class Broker:
         self.retained.max_keys = merged.replay.max_retained_keys
         self.retained.max_bytes = merged.replay.max_retained_bytes
         self.dispatcher.max_event_bytes = merged.limits.max_event_bytes
+        self.admission.limits = merged.limits
         self.rechecker.interval = float(merged.auth.recheck_interval_seconds or 600)
         self._spawn(old_auth.close())
         # A key taken out of the config is a key no longer trusted: streams

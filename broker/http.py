@@ -18,6 +18,7 @@ from aiohttp.http import HttpVersion11
 
 from broker import control, sse
 from broker.access import client_ip, credentials, peer_is_trusted
+from broker.admission import Slot
 from broker.app import Broker
 from broker.auth import Identity, authorize
 from broker.connection import Connection, tune_socket
@@ -94,8 +95,12 @@ def check_ready(broker: Broker) -> None:
         )
 
 
-async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Identity]:
-    """Every check a stream request must pass, cheapest first; raises BrokerError."""
+async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Identity, Slot]:
+    """Every check a stream request must pass, cheapest first; raises BrokerError.
+
+    The last check reserves the stream's slot in the limits (nothing after it
+    can fail): the caller owns the slot and releases it when the stream ends.
+    """
     cfg = broker.cfg
     channels = requested_channels(request, cfg.limits.max_channels_per_connection)
     check_ready(broker)  # before auth: no callback to the app while we cannot serve
@@ -107,10 +112,10 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     except (Unauthorized, Forbidden) as exc:
         broker.stats.auth_failures[exc.code] += 1
         raise
-    broker.check_limits(identity.tenant, ip)
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ClientGone()
+    slot = broker.admission.reserve(identity.tenant, ip)
     tune_socket(transport, cfg.sse.write_timeout_seconds, cfg.limits.write_buffer_bytes)
     conn = Connection(
         transport,
@@ -124,7 +129,7 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     conn.auth_key = identity.key
     if cfg.auth.recheck_interval_seconds and needs_recheck(cfg.auth.mode, identity, channels):
         conn.credentials = creds
-    return conn, identity
+    return conn, identity, slot
 
 
 async def soft_refusal(request: web.Request, exc: Retryable, retry_ms: int) -> web.StreamResponse:
@@ -140,7 +145,7 @@ async def soft_refusal(request: web.Request, exc: Retryable, retry_ms: int) -> w
 async def events(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     try:
-        conn, identity = await admit(broker, request)
+        conn, identity, slot = await admit(broker, request)
     except ClientGone:
         return web.Response(status=400)  # nobody reads it; no traceback for a hang-up
     except Retryable as exc:
@@ -151,17 +156,28 @@ async def events(request: web.Request) -> web.StreamResponse:
     except BrokerError as exc:
         broker.stats.requests_refused[exc.code] += 1
         return error_response(exc)
+    try:
+        return await stream_events(broker, request, conn, identity)
+    finally:
+        broker.admission.release(slot)
 
+
+async def stream_events(
+    broker: Broker, request: web.Request, conn: Connection, identity: Identity
+) -> web.StreamResponse:
+    """Serve an admitted stream until it ends. Every way out — the client leaving,
+    a deadline, a drain, a bug — passes the one ``finally``: the connection is
+    finished (so no index, heap or timer keeps it) and unregistered."""
     resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     resp.force_close()  # a stream ends with its connection
-    await resp.prepare(request)
-    resume_from = last_event_id(request)
-    await broker.catch_up(resume_from)
-    # Registered (paused) before anything is written: whatever is published
-    # from here on queues up behind the backlog, so nothing is missed and
-    # nothing is sent twice.
-    position = broker.register(conn, identity.expires_at)
     try:
+        await resp.prepare(request)
+        resume_from = last_event_id(request)
+        await broker.catch_up(resume_from)
+        # Registered (paused) before anything is written: whatever is published
+        # from here on queues up behind the backlog, so nothing is missed and
+        # nothing is sent twice.
+        position = broker.register(conn, identity.expires_at)
         frames = await backlog(broker, conn, resume_from, position)
         preamble = sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
         await write_backlog(resp, conn, preamble, frames, broker.cfg.limits.write_buffer_bytes)
@@ -172,10 +188,28 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise
     except ConnectionError:  # the client hung up while the backlog was written
         conn.finish("client_closed")
+    except Exception:
+        conn.finish("error", abort=True)
+        broker.stats.requests_refused["internal_error"] += 1
+        _log_stream_error()
     finally:
+        conn.finish("client_closed")  # a no-op when it ended otherwise
         broker.unregister(conn)
         log_close(conn)
     return resp
+
+
+_next_error_log = 0.0
+
+
+def _log_stream_error() -> None:
+    """A bug's traceback, at most once per 10 s: a client that can trigger it
+    must not be able to flood the log (the metric counts every one)."""
+    global _next_error_log
+    now = time.monotonic()
+    if now >= _next_error_log:
+        _next_error_log = now + 10.0
+        log.exception("stream failed (further failures within 10 s are only counted)")
 
 
 def last_event_id(request: web.Request) -> str | None:

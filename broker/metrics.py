@@ -119,6 +119,9 @@ _GAUGE_HELP = {
     "history_events": "Events held in the replay history.",
     "history_bytes": "Bytes accounted to the replay history (frames plus overhead).",
     "retained_keys": "Retained-state keys held.",
+    "admission_slots": "Streams holding a slot in the connection limits (open or being admitted).",
+    "deadline_entries": "Entries in the per-stream deadline heaps (expiry, recycling, re-checks).",
+    "catch_up_waiters": "Stream-mode resumes waiting for this reader to reach their position.",
 }
 
 

@@ -93,6 +93,11 @@ class Rechecker:
         self._due.forget(conn)
         self._queue.pop(conn, None)
 
+    @property
+    def pending(self) -> int:
+        """Entries held for streams: due-time heap, queue and checks in flight."""
+        return len(self._due) + len(self._queue) + len(self._in_flight)
+
     def start(self) -> None:
         self._pump.start()
 

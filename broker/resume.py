@@ -27,6 +27,7 @@ from broker.connection import Connection
 from broker.envelope import decode_stream
 from broker.errors import Rejected
 from broker.hub import Published
+from broker.ids import split_event_id
 from broker.ingest.stream import Entry, stream_seq
 
 if TYPE_CHECKING:
@@ -118,14 +119,12 @@ async def _resume(
         if seq >= broker.stream_start and broker.history.lost_after(channels, seq) is None:
             return None, broker.history.since(channels, seq, upto)
         return await _from_stream(broker, channels, last_id, seq, upto_id)
-    epoch, sep, seq_text = last_id.partition("-")
-    if not (sep and epoch.isascii() and epoch.isdigit() and seq_text.isascii()):
+    parts = split_event_id(last_id)
+    if parts is None:
         return "unknown_id", []
-    if not seq_text.isdigit():
-        return "unknown_id", []
-    if epoch != broker.hub.epoch:
+    epoch, seq = parts
+    if str(epoch) != broker.hub.epoch:
         return "epoch", []
-    seq = int(seq_text)
     if seq > upto:
         return "unknown_id", []
     reason = broker.history.lost_after(channels, seq)

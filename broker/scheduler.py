@@ -122,7 +122,9 @@ class Deadlines:
         the maximum connection age). Past half the heap, drop them all at once
         (amortized O(1) per closed connection)."""
         self._dead += 1
-        if self._dead * 2 > len(self._heap):
+        # >=: with two entries per stream (expiry and recycling), the last of
+        # them closing must empty the heap, not leave it half full of the dead.
+        if self._dead * 2 >= len(self._heap):
             self._heap = [entry for entry in self._heap if not entry[2].closed]
             heapq.heapify(self._heap)
             self._dead = 0

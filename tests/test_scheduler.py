@@ -84,7 +84,24 @@ async def test_deadlines_fire_in_order_and_forget_closed_connections() -> None:
     for conn in conns[:6]:
         conn.finish("client_closed")
         deadlines.forget(conn)
-    assert len(deadlines) == 4
+    # compacted when half the heap is dead: the sixth's entry waits for the next
+    assert len(deadlines) == 5
     await asyncio.wait_for(done.wait(), 5)
     assert fired == [(9, "recycle"), (8, "recycle"), (7, "recycle"), (6, "recycle")]
+    deadlines.stop()
+
+
+async def test_deadlines_heap_is_empty_once_every_stream_closed() -> None:
+    from broker.scheduler import Deadlines
+
+    deadlines = Deadlines(lambda conn, reason: None)
+    now = asyncio.get_running_loop().time()
+    conns = [Connection(_Transport(), chunked=True, channels=("c",)) for _ in range(101)]
+    for conn in conns:  # two deadlines each, as a stream with a token has
+        deadlines.add(conn, now + 60, "token_expired")
+        deadlines.add(conn, now + 1800, "recycle")
+    for conn in conns:
+        conn.finish("client_closed")
+        deadlines.forget(conn)
+    assert len(deadlines) == 0
     deadlines.stop()

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from broker.ids import split_event_id
+
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # (stream id, fields) as redis-py returns them
@@ -36,10 +38,10 @@ def previous_id(id: str) -> str:
 
 def stream_seq(id: str) -> int | None:
     """A stream id as one order-preserving int (``ms << 64 | seq``); None when malformed."""
-    ms, sep, seq = id.partition("-")
-    if not (sep and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+    parts = split_event_id(id)
+    if parts is None:
         return None
-    return (int(ms) << 64) | int(seq)
+    return (parts[0] << 64) | parts[1]
 
 
 class StreamIngest:
