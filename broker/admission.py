@@ -21,25 +21,40 @@ from broker.errors import Retryable
 class Slot:
     """One admitted (or being admitted) stream's share of the limits."""
 
-    __slots__ = ("ip", "released", "tenant")
+    __slots__ = ("ip", "released", "scanning", "tenant")
 
-    def __init__(self, tenant: str | None, ip: str) -> None:
+    def __init__(self, tenant: str | None, ip: str, scanning: bool) -> None:
         self.tenant = tenant
         self.ip = ip
         self.released = False
+        self.scanning = scanning  # holds one of the concurrent history scans
 
 
 class Admission:
     """Counts reserved slots globally, per tenant and per client address (per process)."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig, max_scans: int) -> None:
         self.limits = limits  # replaced on reload; counts carry over
+        self.max_scans = max_scans
+        self.scans = 0
         self.total = 0
         self.per_tenant: Counter[str] = Counter()
         self.per_ip: Counter[str] = Counter()
 
-    def reserve(self, tenant: str | None, ip: str) -> Slot:
-        """A slot, or the retryable 429 naming the limit that is reached."""
+    def reserve(self, tenant: str | None, ip: str, *, scan: bool = False) -> Slot:
+        """A slot, or the retryable refusal naming the limit that is reached.
+
+        ``scan``: the stream's resume reads history from Redis; at most
+        ``max_scans`` do at once (beyond: 503 ``resume_busy``), so clients
+        resuming from long ago cannot pile scans onto Redis.
+        """
+        if scan and self.scans >= self.max_scans:
+            raise Retryable(
+                f"replay.max_concurrent_scans = {self.max_scans} resumes are reading history",
+                code="resume_busy",
+                status=503,
+                reason="limit",
+            )
         limits = self.limits
         hit = None
         if 0 < limits.max_connections <= self.total:
@@ -57,12 +72,21 @@ class Admission:
             self.per_tenant[tenant] += 1
         if ip:
             self.per_ip[ip] += 1
-        return Slot(tenant, ip)
+        if scan:
+            self.scans += 1
+        return Slot(tenant, ip, scan)
+
+    def scanned(self, slot: Slot) -> None:
+        """The slot's history scan is over (the stream itself goes on)."""
+        if slot.scanning:
+            slot.scanning = False
+            self.scans -= 1
 
     def release(self, slot: Slot) -> None:
         if slot.released:
             return
         slot.released = True
+        self.scanned(slot)
         self.total -= 1
         for counter, key in ((self.per_tenant, slot.tenant), (self.per_ip, slot.ip)):
             if key:

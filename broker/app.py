@@ -39,7 +39,7 @@ from broker.ingest.stream import StreamIngest, stream_seq
 from broker.metrics import Metrics, Stats
 from broker.publish import load_publish_keys
 from broker.recheck import Rechecker, still_authorized
-from broker.redis_conn import redis_target
+from broker.redis_conn import bounded_client, redis_target
 from broker.resume import gap_frames
 from broker.retained_store import RedisRetained
 from broker.scheduler import Deadlines, Periodic, Wheel
@@ -91,7 +91,7 @@ class Broker:
         self.auth = build_authenticator(cfg, self.stats, self.metrics)
         self.cors = Cors(cfg.server.cors_origins)
         self.trusted = trusted_networks(cfg.server.trusted_proxies)
-        self.admission = Admission(cfg.limits)
+        self.admission = Admission(cfg.limits, cfg.replay.max_concurrent_scans)
         self.target = redis_target(cfg.redis)
         self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
@@ -145,7 +145,7 @@ class Broker:
     def redis(self) -> aioredis.Redis:
         """The shared command client (publishing, XRANGE, retained state)."""
         if self._redis is None:
-            self._redis = self.target.client()
+            self._redis = bounded_client(self.target, self.cfg.redis.max_connections)
         return self._redis
 
     # -- events in ----------------------------------------------------------------
@@ -500,6 +500,7 @@ class Broker:
         self.retained.max_bytes = merged.replay.max_retained_bytes
         self.dispatcher.max_event_bytes = merged.limits.max_event_bytes
         self.admission.limits = merged.limits
+        self.admission.max_scans = merged.replay.max_concurrent_scans
         self.rechecker.interval = float(merged.auth.recheck_interval_seconds or 600)
         self._spawn(old_auth.close())
         # A key taken out of the config is a key no longer trusted: streams

@@ -165,7 +165,7 @@ class ReplayConfig:
     max_bytes: int = 67108864
     max_retained_keys: int = 100000
     max_retained_bytes: int = 67108864
-    max_resume_scan: int = 100000
+    max_resume_scan: int = 20000
     max_concurrent_scans: int = 4
 
 

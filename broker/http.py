@@ -26,7 +26,7 @@ from broker.envelope import check_channel
 from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable, Unauthorized
 from broker.logs import quote
 from broker.recheck import needs_recheck
-from broker.resume import backlog
+from broker.resume import backlog, needs_scan
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ClientGone()
-    slot = broker.admission.reserve(identity.tenant, ip)
+    scan = needs_scan(broker, channels, last_event_id(request))
+    slot = broker.admission.reserve(identity.tenant, ip, scan=scan)
     tune_socket(transport, cfg.sse.write_timeout_seconds, cfg.limits.write_buffer_bytes)
     conn = Connection(
         transport,
@@ -157,13 +158,13 @@ async def events(request: web.Request) -> web.StreamResponse:
         broker.stats.requests_refused[exc.code] += 1
         return error_response(exc)
     try:
-        return await stream_events(broker, request, conn, identity)
+        return await stream_events(broker, request, conn, identity, slot)
     finally:
         broker.admission.release(slot)
 
 
 async def stream_events(
-    broker: Broker, request: web.Request, conn: Connection, identity: Identity
+    broker: Broker, request: web.Request, conn: Connection, identity: Identity, slot: Slot
 ) -> web.StreamResponse:
     """Serve an admitted stream until it ends. Every way out — the client leaving,
     a deadline, a drain, a bug — passes the one ``finally``: the connection is
@@ -179,6 +180,7 @@ async def stream_events(
         # nothing is sent twice.
         position = broker.register(conn, identity.expires_at)
         frames = await backlog(broker, conn, resume_from, position)
+        broker.admission.scanned(slot)
         preamble = sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
         await write_backlog(resp, conn, preamble, frames, broker.cfg.limits.write_buffer_bytes)
         broker.hub.start(conn)

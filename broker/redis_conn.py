@@ -120,6 +120,30 @@ class RedisTarget:
         return aioredis.Redis(host=self.host, port=self.port, **common)
 
 
+POOL_WAIT_SECONDS = 5.0
+
+
+def bounded_client(target: RedisTarget, max_connections: int) -> aioredis.Redis:
+    """A command client that never opens more than ``max_connections`` connections.
+
+    Past the bound a command waits (up to :data:`POOL_WAIT_SECONDS`) for a
+    connection to come free instead of opening another: a burst of resumes or
+    publishes queues at the broker instead of piling connections onto Redis.
+    With Sentinel, redis-py's pool has no waiting variant: past the bound a
+    command fails at once (and the caller's Redis-error path answers).
+    """
+    if target.sentinels:
+        return target.client(max_connections=max_connections)
+    plain = target.client()
+    pool = aioredis.BlockingConnectionPool(
+        connection_class=plain.connection_pool.connection_class,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_SECONDS,
+        **plain.connection_pool.connection_kwargs,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 def _host_port(entry: str) -> tuple[str, int]:
     host, _, port = entry.rpartition(":")
     return host.strip("[]"), int(port)

@@ -15,6 +15,7 @@ XRANGE, and resets only when the stream lost entries after the position
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from itertools import chain
 from typing import TYPE_CHECKING, cast
@@ -36,6 +37,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 XRANGE_BATCH = 1000
+COUNT_BATCH = 200  # entries per counting call: each holds Redis for well under 1 ms
+
+# Counts the entries of a range, in Redis: (how many, the last id). The broker
+# learns how far back a resume reaches without receiving or parsing a byte of
+# it; one call covers at most ARGV[3] entries, so Redis is never blocked long.
+_COUNT_RANGE = """
+local r = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
+if #r == 0 then return {0, ''} end
+return {#r, r[#r][1]}
+"""
 
 
 async def backlog(
@@ -45,7 +56,12 @@ async def backlog(
     upto, head = position
     frames: list[bytes] = []
     if last_id is not None:
-        reason, missed = await _resume(broker, conn.channels, last_id, upto, head)
+        try:
+            reason, missed = await _resume(broker, conn.channels, last_id, upto, head)
+        except (RedisError, OSError) as exc:
+            # History in Redis cannot be read now: say so (a reset), do not fail.
+            log.warning("resume from Redis failed (%s): sending broker.reset", exc)
+            reason, missed = "outage", []
         if reason is None:
             frames = [p.frame for p in missed if conn.may_see(p.event)]
             broker.stats.replays_served += 1
@@ -108,6 +124,19 @@ async def _state(broker: Broker, conn: Connection, upto: int) -> list[Published]
     return sorted((p for p in latest.values() if _visible(conn, p, upto)), key=lambda p: p.seq)
 
 
+def needs_scan(broker: Broker, channels: tuple[str, ...], last_id: str | None) -> bool:
+    """Whether resuming from ``last_id`` would read the stream from Redis (stream
+    mode, a position older than this instance's memory): decided before the
+    response starts, so that a resume past ``replay.max_concurrent_scans`` can
+    get the retryable refusal instead of a stream."""
+    if not broker.stream_mode or last_id is None:
+        return False
+    seq = stream_seq(last_id)
+    if seq is None or seq > broker.hub.seq:
+        return False  # unknown, or ahead: a catch-up, then memory
+    return seq < broker.stream_start or broker.history.lost_after(channels, seq) is not None
+
+
 async def _resume(
     broker: Broker, channels: tuple[str, ...], last_id: str, upto: int, upto_id: str
 ) -> tuple[str | None, list[Published]]:
@@ -160,33 +189,82 @@ async def trimmed_after(client: aioredis.Redis, key: str, last_id: str, seq: int
 async def _from_stream(
     broker: Broker, channels: tuple[str, ...], last_id: str, seq: int, upto_id: str
 ) -> tuple[str | None, list[Published]]:
-    """Missed events read back from the stream (older than this instance's memory)."""
+    """Missed events read back from the stream (older than this instance's memory).
+
+    Bounded by ``replay.max_resume_scan`` entries read (of every channel) and
+    by ``replay.max_bytes`` kept. Nothing is decoded until the whole range is
+    known to fit: a resume from too long ago costs Redis round trips and
+    hiredis parsing, not Python work per entry, and the decoding of one that
+    fits yields to the loop every batch, so live clients keep their pace.
+    """
     client = broker.redis()
     key = broker.cfg.ingest.stream_key
-    if await trimmed_after(client, key, last_id, seq):
+    budget = broker.cfg.replay.max_resume_scan  # entries of every channel, read or skipped
+    max_bytes = broker.cfg.replay.max_bytes
+    if budget == 0 or await trimmed_after(client, key, last_id, seq):
+        return "expired", []
+    if not await _within(client, key, last_id, upto_id, budget):
+        # Further back than a resume may read: the honest reset, not a scan
+        # of the whole stream on a client's say-so.
         return "expired", []
     wanted = {c.encode() for c in channels}
-    missed: list[Published] = []
+    kept: list[Entry] = []
     size = 0
     start = "(" + last_id
     while True:
+        count = min(XRANGE_BATCH, budget + 1)
         entries = cast(
             list[Entry],
-            await client.xrange(key, min=start, max=upto_id, count=XRANGE_BATCH),
+            await client.xrange(key, min=start, max=upto_id, count=count),
         )
-        for raw_id, fields in entries:
-            if fields.get(b"channel") not in wanted:
-                continue
-            try:
-                event = decode_stream(fields, broker.cfg.limits.max_event_bytes)
-            except Rejected:
-                continue  # counted when the reader first saw it
-            id = raw_id.decode()
-            pub = Published(event, stream_seq(id) or 0, id, 0.0)
-            missed.append(pub)
-            size += len(pub.frame)
-            if size > broker.cfg.replay.max_bytes:
-                return "expired", []  # more than a replay may hold
-        if len(entries) < XRANGE_BATCH:
-            return None, missed
+        budget -= len(entries)
+        if budget < 0:
+            return "expired", []  # the stream grew past the bound meanwhile
+        for entry in entries:
+            fields = entry[1]
+            if fields.get(b"channel") in wanted:
+                kept.append(entry)
+                size += sum(len(k) + len(v) for k, v in fields.items())
+        if size > max_bytes:
+            return "expired", []  # more than a replay may hold
+        if len(entries) < count:
+            break
         start = "(" + entries[-1][0].decode()
+    return await _decode_entries(broker, kept, max_bytes)
+
+
+async def _within(
+    client: aioredis.Redis, key: str, last_id: str, upto_id: str, budget: int
+) -> bool:
+    """Whether at most ``budget`` entries lie after ``last_id`` up to ``upto_id``."""
+    start = "(" + last_id
+    while True:
+        count = min(COUNT_BATCH, budget + 1)
+        n, last = await client.eval(_COUNT_RANGE, 1, key, start, upto_id, count)
+        budget -= int(n)
+        if budget < 0:
+            return False
+        if int(n) < count:
+            return True
+        start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+
+async def _decode_entries(
+    broker: Broker, entries: list[Entry], max_bytes: int
+) -> tuple[str | None, list[Published]]:
+    missed: list[Published] = []
+    size = 0
+    for i, (raw_id, fields) in enumerate(entries):
+        if i and i % XRANGE_BATCH == 0:
+            await asyncio.sleep(0)  # a long replay must not stall live delivery
+        try:
+            event = decode_stream(fields, broker.cfg.limits.max_event_bytes)
+        except Rejected:
+            continue  # counted when the reader first saw it
+        id = raw_id.decode()
+        pub = Published(event, stream_seq(id) or 0, id, 0.0)
+        missed.append(pub)
+        size += len(pub.frame)
+        if size > max_bytes:
+            return "expired", []  # more than a replay may hold
+    return None, missed

@@ -1,10 +1,13 @@
-"""Asking the app: a bounded cache, coalescing and a concurrency cap.
+"""Asking the app: a bounded cache, coalescing and concurrency caps.
 
 Shared by ``callback`` and ``laravel`` auth. A reconnect storm (a deploy,
 the broker restarting) must not flatten the app's PHP-FPM pool: identical
 concurrent questions are asked once, answers that allow are cached, and at
 most ``max_concurrency`` calls are in flight — beyond that clients get the
-retryable refusal and come back after a jittered delay.
+retryable refusal and come back after a jittered delay. One client address
+may have at most ``auth.max_calls_per_client`` of those calls in flight, so
+a few addresses sending random cookies (never cached, never coalesced)
+cannot take every slot from everyone else.
 """
 
 from __future__ import annotations
@@ -38,23 +41,28 @@ def credential_key(*parts: str | None) -> str:
 
 
 class Backend(Generic[T]):
-    """Cache + coalescing + in-flight cap around one kind of call to the app."""
+    """Cache + coalescing + in-flight caps (overall, per client) around one kind of
+    call to the app."""
 
     def __init__(
         self,
         *,
         name: str,
         max_concurrency: int,
+        max_per_client: int,
         cache_ttl: float,
         stats: Stats,
         latency: Histogram,
     ) -> None:
         self.name = name
         self.max_concurrency = max_concurrency
+        self.max_per_client = max_per_client
         self.cache_ttl = cache_ttl
         self.stats = stats
         self._cache: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
         self._inflight: dict[Hashable, asyncio.Task[tuple[T, float]]] = {}
+        # client address -> calls it started that are still running (no zeros)
+        self._per_client: dict[str, int] = {}
         self.latency = latency
 
     def cached(self, key: Hashable) -> T | None:
@@ -85,21 +93,35 @@ class Backend(Generic[T]):
         key: Hashable,
         ask: Callable[[], Awaitable[tuple[T, float]]],
         *,
+        client: str,
         cache_key: Hashable | None = None,
     ) -> T:
         """``ask()`` once for all concurrent callers with the same ``key``; an
         answer that allows is cached under ``cache_key`` (default ``key``).
 
         ``ask`` returns (value, ttl) for an answer that may be cached; it
-        raises for a denial (not cached) or a failure. Past the in-flight cap
-        a new question is refused with a retryable error instead of queued.
-        The call runs in its own task, so a client that gives up does not
-        cancel the answer others are waiting for.
+        raises for a denial (not cached) or a failure. A new question is
+        refused with a retryable error instead of queued when ``client`` (the
+        client address) already has ``max_per_client`` calls in flight
+        (``auth_client_busy``) or when ``max_concurrency`` calls are in flight
+        (``auth_saturated``); joining a question already being asked costs
+        the app nothing and is never refused. The call runs in its own task,
+        so a client that gives up does not cancel the answer others are
+        waiting for; its slot is released when that task ends, however.
         """
         task = self._inflight.get(key)
         if task is not None:
             self.stats.auth_calls["coalesced"] += 1
         else:
+            if self._per_client.get(client, 0) >= self.max_per_client:
+                self.stats.auth_calls["client_busy"] += 1
+                raise Retryable(
+                    f"too many auth calls in flight for this client address: "
+                    f"{self.max_per_client} (auth.max_calls_per_client)",
+                    code="auth_client_busy",
+                    status=503,
+                    reason="auth_unavailable",
+                )
             if len(self._inflight) >= self.max_concurrency:
                 self.stats.auth_calls["saturated"] += 1
                 raise Retryable(
@@ -113,10 +135,23 @@ class Backend(Generic[T]):
                 self._ask(key, key if cache_key is None else cache_key, ask),
                 name=f"auth-{self.name}",
             )
-            task.add_done_callback(_retrieve)
             self._inflight[key] = task
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            task.add_done_callback(lambda t: self._finished(t, key, client))
         value, _ = await asyncio.shield(task)
         return value
+
+    def _finished(self, task: asyncio.Task[tuple[T, float]], key: Hashable, client: str) -> None:
+        # A done callback runs whatever happened to the task (even cancelled
+        # before it started, when _ask's own cleanup never ran): nothing leaks.
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        left = self._per_client.get(client, 0) - 1
+        if left > 0:
+            self._per_client[client] = left
+        else:
+            self._per_client.pop(client, None)
+        _retrieve(task)
 
     async def _ask(
         self, key: Hashable, cache_key: Hashable, ask: Callable[[], Awaitable[tuple[T, float]]]
@@ -144,6 +179,8 @@ class AppAuth(Generic[T]):
         grants: tuple[str, ...],
         stats: Stats,
         latency: Histogram,
+        *,
+        max_calls_per_client: int,
     ) -> None:
         self.cfg = section
         self.grants = grants
@@ -151,6 +188,7 @@ class AppAuth(Generic[T]):
         self.backend: Backend[T] = Backend(
             name=name,
             max_concurrency=section.max_concurrency,
+            max_per_client=max_calls_per_client,
             cache_ttl=section.cache_ttl_seconds,
             stats=stats,
             latency=latency,

@@ -59,7 +59,12 @@ def _id(value: Any, field: str) -> str | None:
 class CallbackAuth(AppAuth[Identity]):
     def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
         super().__init__(
-            "callback", cfg.auth.callback, cfg.auth.grants, stats, metrics.auth_latency
+            "callback",
+            cfg.auth.callback,
+            cfg.auth.grants,
+            stats,
+            metrics.auth_latency,
+            max_calls_per_client=cfg.auth.max_calls_per_client,
         )
         self.key = cfg.auth.callback.key
 
@@ -73,7 +78,10 @@ class CallbackAuth(AppAuth[Identity]):
             return cached
         # Not cached, or cached without one of these channels: ask about them.
         return await self.backend.call(
-            (key, channels), lambda: self._ask(creds, channels), cache_key=key
+            (key, channels),
+            lambda: self._ask(creds, channels),
+            client=creds.client_ip,
+            cache_key=key,
         )
 
     async def _ask(self, creds: Credentials, channels: tuple[str, ...]) -> tuple[Identity, float]:

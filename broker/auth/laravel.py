@@ -10,6 +10,10 @@ an answer a broadcaster gives (see :func:`_answer_user`); 3xx (a redirect to
 the login page), 401, 403 and 419 (CSRF/session expired) deny; anything else
 fails closed. A presence answer's ``channel_data.user_id`` becomes the user.
 Every other channel is public.
+
+One request names at most ``auth.laravel.max_channels_per_request`` protected
+channels (each is a call to the app; more is a 400 before any call), and asks
+about at most ``auth.max_calls_per_client`` of them at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from broker.auth.backend import AppAuth
 from broker.auth.callback import forwarded_headers, unavailable
 from broker.auth.grants import Grants, escape_glob
 from broker.config import Config
-from broker.errors import Forbidden, Unauthorized
+from broker.errors import BadRequest, Forbidden, Unauthorized
 from broker.ids import InvalidId, as_id
 from broker.metrics import Metrics, Stats
 
@@ -85,32 +89,71 @@ class LaravelAuth(AppAuth[str]):
     the presence user id ("" for a private channel)."""
 
     def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
-        super().__init__("laravel", cfg.auth.laravel, cfg.auth.grants, stats, metrics.auth_latency)
+        super().__init__(
+            "laravel",
+            cfg.auth.laravel,
+            cfg.auth.grants,
+            stats,
+            metrics.auth_latency,
+            max_calls_per_client=cfg.auth.max_calls_per_client,
+        )
+        self.max_channels = cfg.auth.laravel.max_channels_per_request
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
         protected = [c for c in channels if c.startswith(PROTECTED)]
         public = [escape_glob(c) for c in channels if not c.startswith(PROTECTED)]
         if not protected:
             return Identity(grants=Grants.compile(public))
+        if len(protected) > self.max_channels:
+            # One call each: a request may not order a burst of calls at will.
+            raise BadRequest(
+                f"{len(protected)} private/presence channels requested; "
+                f"auth.laravel.max_channels_per_request is {self.max_channels}",
+                code="too_many_protected_channels",
+            )
         session = self.credentials_key(creds)
         if session is None:
             # No session: nothing to ask the app about.
             raise Unauthorized(
                 f"channel {protected[0]!r} requires a session", code="credentials_required"
             )
-        users = await asyncio.gather(*(self._allowed(creds, session, c) for c in protected))
+        users = await self._all_allowed(creds, session, protected)
         user = next((u for u in users if u), None)
         return Identity(
             user=user,
             grants=Grants.compile([*public, *(escape_glob(c) for c in protected)]),
         )
 
+    async def _all_allowed(self, creds: Credentials, key: str, channels: list[str]) -> list[str]:
+        """Each channel's answer, in order; raises the first refusal.
+
+        At most ``auth.max_calls_per_client`` of one request's calls run at
+        once, so a request naming more channels than that still passes
+        without help from a retry. After the first refusal no further call
+        is started for this request (those running finish; allowed answers
+        are cached for the retry).
+        """
+        limit = asyncio.Semaphore(self.backend.max_per_client)
+
+        async def one(channel: str) -> str:
+            async with limit:
+                return await self._allowed(creds, key, channel)
+
+        tasks = [asyncio.create_task(one(c)) for c in channels]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def _allowed(self, creds: Credentials, key: str, channel: str) -> str:
         cached = self.backend.cached((key, channel))
         if cached is not None:
             self.stats.auth_calls["cache_hit"] += 1
             return cached
-        return await self.backend.call((key, channel), lambda: self._ask(creds, channel))
+        return await self.backend.call(
+            (key, channel), lambda: self._ask(creds, channel), client=creds.client_ip
+        )
 
     async def _ask(self, creds: Credentials, channel: str) -> tuple[str, float]:
         headers = forwarded_headers(creds)
