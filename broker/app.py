@@ -31,6 +31,7 @@ from broker.config import Config
 from broker.connection import Connection
 from broker.envelope import decode_laravel, decode_native, decode_stream
 from broker.errors import Rejected
+from broker.guard import Guard
 from broker.history import History, RetainedState
 from broker.hub import Hub, Published
 from broker.ingest import CANARY_PREFIX, Dispatcher
@@ -92,6 +93,7 @@ class Broker:
         self.cors = Cors(cfg.server.cors_origins)
         self.trusted = trusted_networks(cfg.server.trusted_proxies)
         self.admission = Admission(cfg.limits, cfg.replay.max_concurrent_scans)
+        self.edge: Guard | None = None  # the public listener's guard (server.py)
         self.target = redis_target(cfg.redis)
         self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
@@ -448,6 +450,7 @@ class Broker:
             "admission_slots": self.admission.total,
             "deadline_entries": len(self.deadlines) + self.rechecker.pending,
             "catch_up_waiters": len(self._catching_up),
+            "pending_connections": self.edge.pending_connections if self.edge else 0,
         }
 
     # -- reload (SIGHUP) ---------------------------------------------------------------

@@ -24,6 +24,7 @@ from broker.auth import Identity, authorize
 from broker.connection import Connection, tune_socket
 from broker.envelope import check_channel
 from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable, Unauthorized
+from broker.guard import admitted
 from broker.logs import quote
 from broker.recheck import needs_recheck
 from broker.resume import backlog, needs_scan
@@ -157,6 +158,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     except BrokerError as exc:
         broker.stats.requests_refused[exc.code] += 1
         return error_response(exc)
+    admitted(request)  # a stream now, no longer pending (guard.py)
     try:
         return await stream_events(broker, request, conn, identity, slot)
     finally:

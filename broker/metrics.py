@@ -121,6 +121,7 @@ _GAUGE_HELP = {
     "retained_keys": "Retained-state keys held.",
     "admission_slots": "Streams holding a slot in the connection limits (open or being admitted).",
     "deadline_entries": "Entries in the per-stream deadline heaps (expiry, recycling, re-checks).",
+    "pending_connections": "Connections not yet admitted as streams, counted per address.",
     "catch_up_waiters": "Stream-mode resumes waiting for this reader to reach their position.",
 }
 

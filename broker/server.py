@@ -27,6 +27,7 @@ from broker.admin import admin_app
 from broker.app import Broker
 from broker.config import Config, Listen
 from broker.errors import BrokerError
+from broker.guard import Guard, GuardedRunner
 from broker.http import public_app
 from broker.logs import setup_logging
 from broker.scheduler import Periodic
@@ -81,6 +82,12 @@ class Server:
         self.sockets = sockets or {}
         self.admin_path = admin_path
         self.broker = Broker(cfg)
+        # Connections that are not streams yet: a header deadline on both
+        # listeners, the per-address cap on the public one only.
+        timeout = cfg.server.header_timeout_seconds
+        self.guard = Guard(timeout, self.broker)
+        self.broker.edge = self.guard
+        self.admin_guard = Guard(timeout)
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
         self._signals = 0
@@ -125,8 +132,9 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(INHERITED_WAIT_SECONDS):
                         await self.broker.subscribed_once.wait()
-            runner = web.AppRunner(
-                app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            guard = self.guard if app is listeners[0][0] else self.admin_guard
+            runner = GuardedRunner(
+                app, guard, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
             )
             await runner.setup()
             self._runners.append(runner)

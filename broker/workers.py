@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from broker import systemd
 from broker.admin import json_posts_only
 from broker.config import ENV_WORKER, Config
+from broker.guard import Guard, GuardedRunner
 from broker.http import json_response
 from broker.server import LISTEN_BACKLOG, bind
 
@@ -270,7 +271,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.signal_all, signal.SIGHUP)
         runner: web.AppRunner | None = None
         if admin is not None:
-            runner = web.AppRunner(self.admin_app(), access_log=None, handler_cancellation=True)
+            guard = Guard(self.cfg.server.header_timeout_seconds)  # the header deadline only
+            runner = GuardedRunner(
+                self.admin_app(), guard, access_log=None, handler_cancellation=True
+            )
             await runner.setup()
             await web.SockSite(runner, admin, backlog=LISTEN_BACKLOG).start()
         for i in range(self.n):

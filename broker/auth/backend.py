@@ -36,7 +36,11 @@ def credential_key(*parts: str | None) -> str:
     """A hash standing for a client's credentials (cache keys never hold secrets)."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(b"\x01" if part is None else b"\x02" + part.encode() + b"\x00")
+        # surrogateescape: aiohttp hands non-UTF-8 header bytes over as
+        # surrogates; they are hashed as the bytes the client sent.
+        h.update(
+            b"\x01" if part is None else b"\x02" + part.encode(errors="surrogateescape") + b"\x00"
+        )
     return h.hexdigest()
 
 

@@ -180,7 +180,9 @@ class JwtAuth:
         """The verified claims and the key that verified them, or Unauthorized."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:  # the root: no PyJWT error may become a 500
+        except (jwt.PyJWTError, UnicodeError):
+            # PyJWTError is the root: none may become a 500. UnicodeError: a
+            # token of non-UTF-8 bytes (aiohttp passes them on as surrogates).
             raise Unauthorized("malformed token", code="malformed_token") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:

@@ -320,6 +320,8 @@ def start_server(
             "--set", f"admin.listen=127.0.0.1:{admin}",
             "--set", f"redis.url={redis_url}",
             "--set", f"limits.max_connections={max_conn}",
+            # thousands of load clients share 127.0.0.1
+            "--set", "limits.max_pending_connections_per_ip=0",
         ]  # fmt: skip
         cmd = [*cmd, *(arg for kv in settings for arg in ("--set", kv))]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

@@ -2,6 +2,7 @@
 
     python tests/bench/run.py [--quick] [--only idle,fanout,ingest,soak,drain,stalled,workers]
                               [--json out.json]
+    python tests/bench/run.py --only hostile   # 10,000 hostile requests (not in the default run)
 
 Starts its own redis-server, then for each scenario starts a fresh server
 (the real broker, then the naive baseline from ``naive.py``), loads it with
@@ -39,6 +40,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
+import hostile
 import loadclient
 import orjson
 import procs
@@ -50,9 +52,10 @@ SERVERS = ("broker", "naive")
 COMPARED = ("idle", "fanout", "ingest")  # broker against the naive baseline
 LIFECYCLE = ("soak", "drain", "stalled")  # the broker alone
 EXTRA = ("workers",)  # the broker alone, server.workers = 1 against 2
-BROKER_ONLY = LIFECYCLE + EXTRA
-SCENARIOS = COMPARED + LIFECYCLE + EXTRA
-DEFAULT = SCENARIOS  # workers adds ~40 s full, ~25 s quick
+HOSTILE = ("hostile",)  # the broker alone, generated hostile requests; only with --only
+BROKER_ONLY = LIFECYCLE + EXTRA + HOSTILE
+SCENARIOS = COMPARED + LIFECYCLE + EXTRA + HOSTILE
+DEFAULT = COMPARED + LIFECYCLE + EXTRA  # workers adds ~40 s full, ~25 s quick
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class Settings:
     stalled_rate: float = 50
     stalled_event_bytes: int = 8192
     connect_concurrency: int = 500  # in flight per client process
+    # hostile: generated requests (tests/test_hostile_requests.py), after the classic attacks
+    hostile_requests: int = 10_000
+    hostile_cap: float = 300
     settle_seconds: float = 2.0
 
     def cap_for(self, scenarios: Sequence[str]) -> float:
@@ -100,6 +106,7 @@ class Settings:
             "drain": self.drain_cap,
             "stalled": self.stalled_cap,
             "workers": self.workers_cap,
+            "hostile": self.hostile_cap,
         }
         compared = self.cap_seconds if any(x in COMPARED for x in scenarios) else 0.0
         return compared + sum(caps.get(x, 0.0) for x in scenarios)
@@ -125,6 +132,8 @@ class Settings:
                 workers_subs=1000,
                 workers_seconds=8,
                 workers_cap=90,
+                hostile_requests=2_000,
+                hostile_cap=120,
             )
         return cls(
             idle_conns=5000,
@@ -1483,6 +1492,10 @@ def print_workers(r: dict[str, Any], s: Settings) -> None:
             print(f"2 workers / 1 worker, {label}: {b / a:.2f}")
 
 
+def print_hostile(r: dict[str, Any], s: Settings) -> None:
+    hostile.print_hostile(r, print_grid)
+
+
 def machine_info(redis_version: str, naive_mode: str) -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
@@ -1565,6 +1578,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain": drain,
         "stalled": stalled,
         "workers": workers,
+        "hostile": hostile.hostile,
     }
     raw: dict[str, dict[str, dict[str, Any]]] = {}
     errors: list[str] = []
@@ -1632,6 +1646,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain": print_drain,
         "stalled": print_stalled,
         "workers": print_workers,
+        "hostile": print_hostile,
     }
     for scenario in scenarios:
         result = raw.get(scenario, {}).get("broker")
@@ -1641,6 +1656,15 @@ def main(argv: list[str] | None = None) -> int:
     for n, run in raw.get("workers", {}).get("broker", {}).items():
         if "error" in run:
             errors.append(f"workers/server.workers={n}: {run['error']}")
+    if (fuzzed := raw.get("hostile", {}).get("broker")) is not None:
+        if fuzzed["broken_rules"]:
+            errors.append(f"hostile: {fuzzed['broken_rules']} broken rules (listed above)")
+        for name, t in fuzzed["targets"].items():
+            if t["tracebacks"] or t["error_lines"] or t["connections_end"]:
+                errors.append(
+                    f"hostile/{name}: {t['tracebacks']} tracebacks, {t['error_lines']} ERROR "
+                    f"lines, {t['connections_end']:g} connections at the end"
+                )
     print(f"\ntotal {time.monotonic() - started:.0f}s")
     for err in errors:
         print(f"ERROR {err}")
