@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import pytest
 from conftest import REPO_ROOT, BrokerProcess, StartBroker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -294,6 +295,7 @@ async def test_leeway_is_honoured(start_broker: StartBroker, http: aiohttp.Clien
         assert got == status, (ttl, body)
 
 
+@pytest.mark.slow
 async def test_token_within_leeway_still_ends_with_token_expired(
     start_broker: StartBroker,
 ) -> None:

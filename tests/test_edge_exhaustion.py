@@ -104,6 +104,7 @@ def failing_requests(epoch: str) -> list[bytes]:
     ]
 
 
+@pytest.mark.slow
 async def test_a_thousand_failing_requests_leave_no_state_and_no_growth(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:

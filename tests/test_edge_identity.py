@@ -298,6 +298,7 @@ async def test_callback_cache_keys_on_the_raw_cookie_header_not_the_parsed_one(
 # -- finding 11: the app's change of mind reaches open streams ------------------------------
 
 
+@pytest.mark.slow
 async def test_open_callback_streams_are_reauthorized_and_only_a_definite_no_ends_them(
     start_broker: StartBroker, host_app: tuple[HostApp, str], redis_client: aioredis.Redis
 ) -> None:
@@ -337,6 +338,7 @@ async def test_open_callback_streams_are_reauthorized_and_only_a_definite_no_end
     assert await broker.metric("sse_broker_auth_failures_total", {"reason": "revoked"}) == 2
 
 
+@pytest.mark.slow
 async def test_open_laravel_streams_end_on_419_but_not_on_a_redirect_or_an_outage(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:

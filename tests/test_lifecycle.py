@@ -224,6 +224,7 @@ def last_id_of_data(s: SSEStream) -> str | None:
     return ids[-1].decode() if ids else None
 
 
+@pytest.mark.slow
 async def test_recycle_reconnects_with_retry_and_head_id_jittered_and_resume_loses_nothing(
     start_broker: StartBroker, redis_client
 ) -> None:

@@ -371,6 +371,7 @@ async def test_sentinel_failover_stream_mode_resume_is_exact(
             assert (await s.next_event()).data == "live"
 
 
+@pytest.mark.slow
 async def test_stream_mode_is_not_ready_while_redis_is_away(
     start_broker: StartBroker, redis_server: RedisServer
 ) -> None:

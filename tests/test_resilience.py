@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from conftest import BrokerProcess, RedisServer, StartBroker
 from helpers import eventually, publish, stream
@@ -231,6 +232,7 @@ async def test_pubsub_survives_redis_restarts_under_load_and_resets_every_stream
 # -- Redis restarts, stream mode ------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stream_mode_reads_on_across_outages_without_reset_or_loss(
     start_broker: StartBroker, redis_server: RedisServer
 ) -> None:

@@ -313,6 +313,7 @@ async def flood_round(
 # -- the tests ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_slow_header_flood_from_one_address_is_closed_in_time_and_others_stream_unhurt(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
