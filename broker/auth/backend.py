@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client import Histogram
 
 from broker.auth import Credentials
-from broker.config import CallbackConfig, LaravelConfig
+from broker.config import CallbackConfig, Config, LaravelConfig
 from broker.errors import Retryable
 from broker.metrics import Stats
 
@@ -118,22 +118,16 @@ class Backend(Generic[T]):
             self.stats.auth_calls["coalesced"] += 1
         else:
             if self._per_client.get(client, 0) >= self.max_per_client:
-                self.stats.auth_calls["client_busy"] += 1
-                raise Retryable(
-                    f"too many auth calls in flight for this client address: "
+                raise self._busy(
+                    "client_busy",
+                    "too many auth calls in flight for this client address: "
                     f"{self.max_per_client} (auth.max_calls_per_client)",
-                    code="auth_client_busy",
-                    status=503,
-                    reason="auth_unavailable",
                 )
             if len(self._inflight) >= self.max_concurrency:
-                self.stats.auth_calls["saturated"] += 1
-                raise Retryable(
+                raise self._busy(
+                    "saturated",
                     f"auth backend busy: {self.max_concurrency} calls in flight "
                     f"(auth.{self.name}.max_concurrency)",
-                    code="auth_saturated",
-                    status=503,
-                    reason="auth_unavailable",
                 )
             task = asyncio.create_task(
                 self._ask(key, key if cache_key is None else cache_key, ask),
@@ -144,6 +138,12 @@ class Backend(Generic[T]):
             task.add_done_callback(lambda t: self._finished(t, key, client))
         value, _ = await asyncio.shield(task)
         return value
+
+    def _busy(self, result: str, message: str) -> Retryable:
+        """The retryable refusal for a cap on calls (counted by ``result``)."""
+        self.stats.auth_calls[result] += 1
+        code = "auth_client_busy" if result == "client_busy" else "auth_saturated"
+        return Retryable(message, code=code, status=503, reason="auth_unavailable")
 
     def _finished(self, task: asyncio.Task[tuple[T, float]], key: Hashable, client: str) -> None:
         # A done callback runs whatever happened to the task (even cancelled
@@ -180,19 +180,17 @@ class AppAuth(Generic[T]):
         self,
         name: str,
         section: CallbackConfig | LaravelConfig,
-        grants: tuple[str, ...],
+        cfg: Config,
         stats: Stats,
         latency: Histogram,
-        *,
-        max_calls_per_client: int,
     ) -> None:
         self.cfg = section
-        self.grants = grants
+        self.grants = cfg.auth.grants
         self.stats = stats
         self.backend: Backend[T] = Backend(
             name=name,
             max_concurrency=section.max_concurrency,
-            max_per_client=max_calls_per_client,
+            max_per_client=cfg.auth.max_calls_per_client,
             cache_ttl=section.cache_ttl_seconds,
             stats=stats,
             latency=latency,

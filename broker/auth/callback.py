@@ -58,14 +58,7 @@ def _id(value: Any, field: str) -> str | None:
 
 class CallbackAuth(AppAuth[Identity]):
     def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
-        super().__init__(
-            "callback",
-            cfg.auth.callback,
-            cfg.auth.grants,
-            stats,
-            metrics.auth_latency,
-            max_calls_per_client=cfg.auth.max_calls_per_client,
-        )
+        super().__init__("callback", cfg.auth.callback, cfg, stats, metrics.auth_latency)
         self.key = cfg.auth.callback.key
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:

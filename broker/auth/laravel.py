@@ -89,14 +89,7 @@ class LaravelAuth(AppAuth[str]):
     the presence user id ("" for a private channel)."""
 
     def __init__(self, cfg: Config, stats: Stats, metrics: Metrics) -> None:
-        super().__init__(
-            "laravel",
-            cfg.auth.laravel,
-            cfg.auth.grants,
-            stats,
-            metrics.auth_latency,
-            max_calls_per_client=cfg.auth.max_calls_per_client,
-        )
+        super().__init__("laravel", cfg.auth.laravel, cfg, stats, metrics.auth_latency)
         self.max_channels = cfg.auth.laravel.max_channels_per_request
 
     async def authenticate(self, creds: Credentials, channels: tuple[str, ...]) -> Identity:
