@@ -23,9 +23,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from broker import control
-from broker.access import Cors, trusted_networks
+from broker.access import Cors, Network
 from broker.admission import Admission
-from broker.auth.factory import build_authenticator
+from broker.auth import Authenticator
 from broker.auth.grants import Grants
 from broker.config import Config
 from broker.connection import Connection
@@ -38,7 +38,7 @@ from broker.ingest import CANARY_PREFIX, Dispatcher
 from broker.ingest.pubsub import PubSubIngest
 from broker.ingest.stream import StreamIngest, stream_seq
 from broker.metrics import Metrics, Stats
-from broker.publish import load_publish_keys
+from broker.policy import Policy
 from broker.recheck import Rechecker, still_authorized
 from broker.redis_conn import bounded_client, redis_target
 from broker.resume import gap_frames
@@ -63,10 +63,10 @@ _RESTART_KEYS: dict[str, frozenset[str] | None] = {
 
 class Broker:
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
         self.stream_mode = cfg.ingest.mode == "stream"
         self.stats = Stats()
         self.metrics = Metrics(self.stats, self._gauges)
+        self.policy = Policy.build(cfg, self.stats, self.metrics)
         self.history = History(
             ttl_seconds=cfg.replay.ttl_seconds,
             max_events=cfg.replay.max_events,
@@ -88,14 +88,9 @@ class Broker:
         self.heartbeats = Wheel(cfg.sse.heartbeat_seconds, self.hub.heartbeat)
         self.deadlines = Deadlines(self._deadline)
         self.expiry = Periodic(1.0, self.history.expire)
-        self.public = Grants.compile(cfg.auth.effective_public_channels)
-        self.auth = build_authenticator(cfg, self.stats, self.metrics)
-        self.cors = Cors(cfg.server.cors_origins)
-        self.trusted = trusted_networks(cfg.server.trusted_proxies)
         self.admission = Admission(cfg.limits, cfg.replay.max_concurrent_scans)
         self.edge: Guard | None = None  # the public listener's guard (server.py)
         self.target = redis_target(cfg.redis)
-        self.publish_keys = load_publish_keys(cfg)
         self.dispatcher = Dispatcher(
             self.hub.publish,
             stats=self.stats,
@@ -143,6 +138,31 @@ class Broker:
             self._recheck,
             max_in_flight=RECHECK_IN_FLIGHT,
         )
+
+    # The current policy's parts (read-only: a reload replaces the policy whole).
+    @property
+    def cfg(self) -> Config:
+        return self.policy.cfg
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.policy.auth
+
+    @property
+    def public(self) -> Grants:
+        return self.policy.public
+
+    @property
+    def cors(self) -> Cors:
+        return self.policy.cors
+
+    @property
+    def trusted(self) -> tuple[Network, ...]:
+        return self.policy.trusted
+
+    @property
+    def publish_keys(self) -> tuple[str, ...]:
+        return self.policy.publish_keys
 
     def redis(self) -> aioredis.Redis:
         """The shared command client (publishing, XRANGE, retained state)."""
@@ -485,15 +505,10 @@ class Broker:
             sse=replace(new.sse, heartbeat_seconds=old.sse.heartbeat_seconds),
         )
         # Build everything that can fail first, then swap: all or nothing.
-        auth = build_authenticator(merged, self.stats, self.metrics)
-        publish_keys = load_publish_keys(merged)
+        policy = Policy.build(merged, self.stats, self.metrics)
         old_auth = self.auth
-        self.cfg = merged
-        self.auth = auth
-        self.publish_keys = publish_keys
-        self.public = Grants.compile(merged.auth.effective_public_channels)
-        self.cors = Cors(merged.server.cors_origins)
-        self.trusted = trusted_networks(merged.server.trusted_proxies)
+        self.policy = policy
+        auth = policy.auth
         self.hub.write_buffer_bytes = merged.limits.write_buffer_bytes
         self.hub.write_timeout = merged.sse.write_timeout_seconds
         self.history.ttl = merged.replay.ttl_seconds
