@@ -46,17 +46,19 @@ def normalize_ip(address: str) -> str:
         return address
 
 
-def trusted_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+def trusted_networks(entries: Iterable[str | Network]) -> tuple[Network, ...]:
     """``server.trusted_proxies`` as networks, in the form peers are compared in.
 
-    Peers are compared as IPv4 when they are IPv4-mapped (``normalize_ip``),
-    so an entry written mapped (``::ffff:10.0.0.1``, ``::ffff:10.0.0.0/104``)
-    becomes its IPv4 network, and an IPv6 network that spans every mapped
-    address (``::/0``) covers every IPv4 address as well.
+    Takes the networks the config parsed (``cfg.server.trusted_networks``) or
+    the entries as written. Peers are compared as IPv4 when they are
+    IPv4-mapped (``normalize_ip``), so an entry written mapped
+    (``::ffff:10.0.0.1``, ``::ffff:10.0.0.0/104``) becomes its IPv4 network,
+    and an IPv6 network that spans every mapped address (``::/0``) covers
+    every IPv4 address as well.
     """
     networks: list[Network] = []
     for entry in entries:
-        net = ipaddress.ip_network(entry, strict=False)
+        net = ipaddress.ip_network(entry, strict=False) if isinstance(entry, str) else entry
         if isinstance(net, ipaddress.IPv6Network):
             if net.subnet_of(_IPV4_MAPPED):
                 first = int(net.network_address) - int(_IPV4_MAPPED.network_address)

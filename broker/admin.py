@@ -17,13 +17,14 @@ from redis.exceptions import RedisError
 from broker.app import Broker
 from broker.errors import BadRequest, BrokerError, Unauthorized
 from broker.http import BROKER, error_response, healthz, json_response, readyz
-from broker.ids import InvalidId, as_id
+from broker.ids import as_id
 from broker.logs import quote
 from broker.publish import MAX_ITEMS, parse_items, publish_events
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+MAX_BODY = web.AppKey("max_body", int)  # bytes of a POST body, for the 413's message
 
 
 def is_json(request: web.Request) -> bool:
@@ -90,7 +91,7 @@ async def publish(request: web.Request) -> web.Response:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(
-                f"body over {request.app['max_body']} bytes", code="too_large", status=413
+                f"body over {request.app[MAX_BODY]} bytes", code="too_large", status=413
             ) from None
         events = parse_items(body, broker.cfg.limits.max_event_bytes, broker.cfg.ingest)
     except BrokerError as exc:
@@ -130,7 +131,7 @@ async def disconnect(request: web.Request) -> web.Response:
             raise BadRequest("give 'user' and/or 'tenant'", code="no_selector")
     except BrokerError as exc:
         return error_response(exc)
-    n = broker.disconnect(user=user, tenant=tenant)
+    n = broker.streams.disconnect(user=user, tenant=tenant)
     log.info("admin disconnect user=%s tenant=%s: %d streams closed", quote(user), quote(tenant), n)
     return json_response(200, {"disconnected": n})
 
@@ -139,17 +140,14 @@ def _selector(doc: dict[str, object], name: str) -> str | None:
     value = doc.get(name)
     if value is None:
         return None
-    try:
-        return as_id(value)
-    except InvalidId as exc:
-        raise BadRequest(f"field {name!r}: {exc}", code="bad_" + name) from None
+    return as_id(value, lambda why: BadRequest(f"field {name!r}: {why}", code="bad_" + name))
 
 
 def admin_app(broker: Broker) -> web.Application:
     max_body = max(1 << 20, broker.cfg.limits.max_event_bytes * 4 * min(MAX_ITEMS, 16))
     app = web.Application(client_max_size=max_body, middlewares=[json_posts_only])
     app[BROKER] = broker
-    app["max_body"] = max_body
+    app[MAX_BODY] = max_body
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

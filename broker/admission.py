@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from broker.config import LimitsConfig
+from broker.config import Config, LimitsConfig
 from broker.errors import Retryable
 
 
@@ -40,6 +40,10 @@ class Admission:
         self.total = 0
         self.per_tenant: Counter[str] = Counter()
         self.per_ip: Counter[str] = Counter()
+
+    def configure(self, cfg: Config) -> None:
+        self.limits = cfg.limits
+        self.max_scans = cfg.replay.max_concurrent_scans
 
     def reserve(self, tenant: str | None, ip: str, *, scan: bool = False) -> Slot:
         """A slot, or the retryable refusal naming the limit that is reached.

@@ -15,9 +15,11 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from broker.auth import Credentials
 from broker.envelope import Event
+from broker.sse import chunk
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,6 @@ def tune_socket(transport: asyncio.BaseTransport, timeout_s: int, send_buffer: i
         log.debug("socket options not set: %s", exc)
 
 
-def chunk(frame: bytes) -> bytes:
-    """Frame bytes as one HTTP/1.1 chunk (the transport is written directly)."""
-    return b"%x\r\n%b\r\n" % (len(frame), frame)
-
-
 class Connection:
     """A subscriber as the hub sees it; the HTTP handler owns its lifetime.
 
@@ -76,6 +73,7 @@ class Connection:
         "done",
         "events_sent",
         "last_id",
+        "on_finish",
         "opened_at",
         "paused",
         "pending",
@@ -123,6 +121,9 @@ class Connection:
         self.auth_key: str | None = None
         self.credentials: Credentials | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # Told once, when the stream ends: the hub stops queueing to it at
+        # once, not when its handler gets to unregister it.
+        self.on_finish: Callable[[Connection], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -139,6 +140,10 @@ class Connection:
     def wrap(self, frame: bytes) -> bytes:
         """A connection-specific frame (control events, heartbeats) in this stream's framing."""
         return chunk(frame) if self.chunked else frame
+
+    def wire_size(self, n: int) -> int:
+        """What ``n`` bytes of body take on this stream's wire (as :meth:`wrap` frames them)."""
+        return n + len(b"%x\r\n\r\n" % n) if self.chunked else n
 
     def write_now(self, data: bytes) -> int:
         """Write already-framed bytes; returns the transport's buffered byte count."""
@@ -161,6 +166,8 @@ class Connection:
             return
         self.close_reason = reason
         self.pending.clear()
+        if self.on_finish is not None:
+            self.on_finish(self)
         if abort:
             sock = self.transport.get_extra_info("socket")
             if sock is not None:

@@ -12,29 +12,15 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from broker import sse
 from broker.errors import Rejected
-from broker.ids import ID_RULE, InvalidId, as_id, is_id
+from broker.ids import ID_RULE, as_id, is_id
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-.:@=#/]{1,200}")
 CHANNEL_RULE = "1-200 characters from A-Z a-z 0-9 _ - . : @ = # /"
 RESERVED_PREFIX = "broker."
 MAX_EVENT_NAME = 200
 _JSON_SPACE = (b" ", b"\t", b"\r", b"\n")
-
-# The fixed set of rejection reasons (metric label values).
-REJECT_REASONS = (
-    "too_large",
-    "bad_channel",
-    "bad_encoding",
-    "bad_event",
-    "reserved_event",
-    "bad_tenant",
-    "bad_users",
-    "bad_retain",
-    "retain_with_users",
-    "bad_data",
-    "bad_envelope",
-)
 
 
 class Event(NamedTuple):
@@ -87,10 +73,7 @@ def check_channel(name: str) -> str:
 
 
 def _id_string(value: Any, field: str, code: str) -> str:
-    try:
-        return as_id(value)
-    except InvalidId as exc:
-        raise Rejected(f"field {field!r}: {exc}", code=code) from None
+    return as_id(value, lambda why: Rejected(f"field {field!r}: {why}", code=code))
 
 
 def _event_name(value: Any) -> str:
@@ -323,3 +306,32 @@ def decode_stream(fields: dict[bytes, bytes], max_bytes: int) -> Event:
     if event.retain is not None and text["data"] == "null":
         return event._replace(deletes=True)
     return event
+
+
+class Published:
+    """An event after the broker accepted it: its position, its id and its wire bytes.
+
+    ``frame`` is the SSE frame, built here once; ``chunk`` is the same frame
+    as one HTTP/1.1 chunk, built when the event first reaches a subscriber
+    (an event nobody subscribes to never needs it). ``size`` counts both, as
+    history memory.
+    """
+
+    __slots__ = ("_chunk", "event", "frame", "id", "ingested_at", "seq", "size")
+
+    def __init__(self, event: Event, seq: int, id: str, ingested_at: float) -> None:
+        self.event = event
+        self.seq = seq
+        self.id = id
+        self.ingested_at = ingested_at
+        # Event names were validated on the way in and ids are ours (or Redis's).
+        self.frame = frame = sse.encode_trusted(event.data, event.event, id)
+        self._chunk: bytes | None = None
+        n = len(frame)
+        self.size = 2 * n + len(b"%x\r\n\r\n" % n)
+
+    @property
+    def chunk(self) -> bytes:
+        if self._chunk is None:
+            self._chunk = sse.chunk(self.frame)
+        return self._chunk

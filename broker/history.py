@@ -20,7 +20,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 
-from broker.hub import Published
+from broker.config import Config
+from broker.envelope import Published
+from broker.metrics import Stats
+from broker.positions import Position
 
 # Python objects per history entry (Published, Event, bytes headers, deque
 # slot) beyond the frame bytes themselves; counted against max_bytes so the
@@ -68,6 +71,12 @@ class History:
         self.bytes = 0
         self.evicted = 0
         self.last_hole = 0  # newest seq that stands for events lost in an outage
+        self._holes: dict[str, int] = {}  # the same, for channels that lost events alone
+
+    def configure(self, cfg: Config) -> None:
+        self.ttl = cfg.replay.ttl_seconds
+        self.max_events = cfg.replay.max_events
+        self.max_bytes = cfg.replay.max_bytes
 
     # -- per-channel counts, bucketed so the biggest channel is found in O(1) ---
     # Inlined on the hot path: append runs once per ingested event.
@@ -137,35 +146,58 @@ class History:
                     break
         return self.evicted - before
 
-    def mark_hole(self, seq: int) -> None:
-        """Events were lost just before ``seq`` (a pub/sub outage): resumes across it reset."""
-        self.last_hole = max(self.last_hole, seq)
+    def mark_hole(self, seq: int, channels: Iterable[str] | None = None) -> None:
+        """Events of ``channels`` (None: every channel) were lost just before ``seq``
+        (an outage): resumes across it reset."""
+        if channels is None:
+            self.last_hole = max(self.last_hole, seq)
+            return
+        holes = self._holes
+        for channel in channels:
+            holes[channel] = max(holes.get(channel, 0), seq)
+        if len(holes) > MAX_EMPTY_CHANNELS:
+            # Too many to remember one by one: one hole for every channel
+            # (more resets than needed, never a resume across a hole).
+            self.last_hole = max(self.last_hole, *holes.values())
+            holes.clear()
 
     # -- reading ------------------------------------------------------------------
 
-    def lost_after(self, channels: Iterable[str], seq: int) -> str | None:
-        """Why a client positioned at ``seq`` cannot resume exactly, or None when it can."""
-        if self.last_hole > seq:
-            return "outage"
+    def lost_after(self, channels: Iterable[str], position: int | Position) -> str | None:
+        """Why a client at ``position`` cannot resume exactly, or None when it can."""
+        if isinstance(position, int) and self.last_hole > position:
+            return "outage"  # a hole of every channel, whichever the client reads
+        at = _per_channel(position)
+        holes = self._holes
         for channel in channels:
+            seq = at(channel)
+            if self.last_hole > seq or holes.get(channel, 0) > seq:
+                return "outage"
+        for channel in channels:
+            seq = at(channel)
             log = self._logs.get(channel)
             upto = log.evicted_upto if log else self._empty.get(channel, self._forgotten_upto)
             if upto > seq:
                 return "expired"
         return None
 
-    def since(self, channels: Iterable[str], seq: int, upto: int) -> list[Published]:
-        """Events of ``channels`` in (``seq``, ``upto``], oldest first (check ``lost_after``)."""
+    def since(
+        self, channels: Iterable[str], position: int | Position, upto: int | Position
+    ) -> list[Published]:
+        """Events of ``channels`` after ``position`` up to ``upto``, oldest first
+        (check ``lost_after``)."""
+        after, until = _per_channel(position), _per_channel(upto)
         runs: list[list[Published]] = []
         for channel in channels:
             log = self._logs.get(channel)
             if log is None:
                 continue
+            seq, last = after(channel), until(channel)
             run: list[Published] = []
             for pub in reversed(log.entries):
                 if pub.seq <= seq:
                     break
-                if pub.seq <= upto:
+                if pub.seq <= last:
                     run.append(pub)
             if run:
                 run.reverse()
@@ -175,6 +207,12 @@ class History:
         return list(heapq.merge(*runs, key=_seq))
 
 
+def _per_channel(position: int | Position) -> Callable[[str], int]:
+    if isinstance(position, int):
+        return lambda channel: position
+    return position.at
+
+
 def _seq(pub: Published) -> int:
     return pub.seq
 
@@ -182,8 +220,11 @@ def _seq(pub: Published) -> int:
 class RetainedState:
     """The latest event per (channel, tenant, key); tenant None = every tenant of the channel."""
 
-    def __init__(self, *, max_keys: int, max_bytes: int, tombstones: bool = False) -> None:
+    def __init__(
+        self, *, max_keys: int, max_bytes: int, stats: Stats, tombstones: bool = False
+    ) -> None:
         self.max_keys = max_keys
+        self.stats = stats
         self.max_bytes = max_bytes
         # Stream mode merges this with the state in Redis: a deletion must
         # stay visible (as a tombstone) until then, or Redis's older value
@@ -192,7 +233,10 @@ class RetainedState:
         self._by_scope: dict[tuple[str, str | None], dict[str, Published]] = {}
         self.keys = 0
         self.bytes = 0
-        self.refused = 0
+
+    def configure(self, cfg: Config) -> None:
+        self.max_keys = cfg.replay.max_retained_keys
+        self.max_bytes = cfg.replay.max_retained_bytes
 
     def apply(self, pub: Published) -> bool:
         """Record or delete the key ``pub`` retains; False when a bound refused a new key."""
@@ -210,7 +254,7 @@ class RetainedState:
         size = entry_size(pub)
         grow = size - (entry_size(old) if old is not None else 0)
         if (old is None and self.keys >= self.max_keys) or self.bytes + grow > self.max_bytes:
-            self.refused += 1
+            self.stats.retained_refused += 1
             if old is not None and entries is not None:
                 # Keeping the previous value would serve stale state as current.
                 self._drop(scope, entries, key, old)

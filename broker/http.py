@@ -26,8 +26,8 @@ from broker.envelope import check_channel
 from broker.errors import BadRequest, BrokerError, Forbidden, Rejected, Retryable, Unauthorized
 from broker.guard import admitted
 from broker.logs import quote
+from broker.metrics import Stats
 from broker.recheck import needs_recheck
-from broker.resume import backlog, needs_scan
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ async def admit(broker: Broker, request: web.Request) -> tuple[Connection, Ident
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ClientGone()
-    scan = needs_scan(broker, channels, last_event_id(request))
+    scan = broker.resume.needs_scan(channels, last_event_id(request), broker.hub.seq)
     slot = broker.admission.reserve(identity.tenant, ip, scan=scan)
     tune_socket(transport, cfg.sse.write_timeout_seconds, cfg.limits.write_buffer_bytes)
     conn = Connection(
@@ -176,15 +176,18 @@ async def stream_events(
     try:
         await resp.prepare(request)
         resume_from = last_event_id(request)
-        await broker.catch_up(resume_from)
+        await broker.intake.catch_up(resume_from)
         # Registered (paused) before anything is written: whatever is published
         # from here on queues up behind the backlog, so nothing is missed and
         # nothing is sent twice.
-        position = broker.register(conn, identity.expires_at)
-        frames = await backlog(broker, conn, resume_from, position)
+        position = broker.streams.register(conn, identity.expires_at)
+        # Registered first: while a channel has a stream, the hub never releases it.
+        await broker.ingest.subscribe(conn.channels)
+        frames = await broker.resume.backlog(conn, resume_from, position)
         broker.admission.scanned(slot)
         preamble = sse.encode_retry(broker.cfg.sse.retry_ms) + sse.encode_comment("ok") + b"\n"
-        await write_backlog(resp, conn, preamble, frames, broker.cfg.limits.write_buffer_bytes)
+        limit = broker.cfg.limits.write_buffer_bytes
+        await write_backlog(resp, conn, preamble, frames, limit, broker.stats)
         broker.hub.start(conn)
         await conn.done
     except asyncio.CancelledError:
@@ -198,7 +201,7 @@ async def stream_events(
         _log_stream_error()
     finally:
         conn.finish("client_closed")  # a no-op when it ended otherwise
-        broker.unregister(conn)
+        broker.streams.unregister(conn)
         log_close(conn)
     return resp
 
@@ -229,7 +232,12 @@ BACKLOG_BATCH = 64 * 1024
 
 
 async def write_backlog(
-    resp: web.StreamResponse, conn: Connection, preamble: bytes, frames: list[bytes], limit: int
+    resp: web.StreamResponse,
+    conn: Connection,
+    preamble: bytes,
+    frames: list[bytes],
+    limit: int,
+    stats: Stats,
 ) -> None:
     """Write the preamble and backlog through aiohttp, paced by the socket.
 
@@ -237,7 +245,8 @@ async def write_backlog(
     so a replay far larger than the socket buffer goes out as fast as the
     client reads it and is never mistaken for a slow consumer. Live events
     meanwhile queue on the paused connection; if *they* outgrow the write
-    buffer limit the client is too slow for the live rate.
+    buffer limit the client is too slow for the live rate. Bytes and slow
+    consumers count in ``stats`` as they do once the hub writes.
     """
     batch = [preamble]
     size = len(preamble)
@@ -245,15 +254,22 @@ async def write_backlog(
         batch.append(frame)
         size += len(frame)
         if size >= BACKLOG_BATCH:
-            await resp.write(b"".join(batch))
-            conn.bytes_sent += size
+            await _write(resp, conn, b"".join(batch), stats)
             batch, size = [], 0
             if sum(map(len, conn.pending)) > limit:
+                stats.slow_consumers += 1
                 conn.finish("slow_consumer", abort=True)
                 return
-    await resp.write(b"".join(batch))
-    conn.bytes_sent += size
+    await _write(resp, conn, b"".join(batch), stats)
     conn.events_sent += len(frames)
+
+
+async def _write(resp: web.StreamResponse, conn: Connection, data: bytes, stats: Stats) -> None:
+    await resp.write(data)
+    if data:  # aiohttp writes no chunk for nothing
+        sent = conn.wire_size(len(data))
+        conn.bytes_sent += sent
+        stats.bytes_sent += sent
 
 
 def log_close(conn: Connection) -> None:

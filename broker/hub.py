@@ -21,41 +21,14 @@ import time
 from collections.abc import Callable
 
 from broker import sse
-from broker.connection import Connection, chunk
-from broker.envelope import Event
+from broker.config import Config
+from broker.connection import Connection
+from broker.envelope import Event, Published
 from broker.metrics import Metrics, Stats
 
 log = logging.getLogger(__name__)
 
 MAX_UNMATCHED_LOGGED = 1000
-
-
-class Published:
-    """An event after the broker accepted it: its id and its wire bytes.
-
-    ``frame`` is the SSE frame; ``chunk`` the same frame as one HTTP/1.1
-    chunk, built on first use (an event nobody subscribes to never needs it).
-    ``size`` counts both, as history memory.
-    """
-
-    __slots__ = ("_chunk", "event", "frame", "id", "ingested_at", "seq", "size")
-
-    def __init__(self, event: Event, seq: int, id: str, ingested_at: float) -> None:
-        self.event = event
-        self.seq = seq
-        self.id = id
-        self.ingested_at = ingested_at
-        # Event names were validated on the way in and ids are ours (or Redis's).
-        self.frame = frame = sse.encode_trusted(event.data, event.event, id)
-        self._chunk: bytes | None = None
-        n = len(frame)
-        self.size = 2 * n + len(b"%x\r\n\r\n" % n)
-
-    @property
-    def chunk(self) -> bytes:
-        if self._chunk is None:
-            self._chunk = chunk(self.frame)
-        return self._chunk
 
 
 def new_epoch() -> str:
@@ -73,18 +46,21 @@ class Hub:
         metrics: Metrics,
         write_buffer_bytes: int,
         write_timeout: float,
-        keep: Callable[[Published], None],
+        record: Callable[[Published], None],
         retain: Callable[[Published], None],
+        release: Callable[[str], None] | None = None,
+        epoch: str | None = None,
     ) -> None:
         self.stats = stats
-        # Every event goes to ``keep`` (the replay history), retained ones to
+        # Every event goes to ``record`` (the replay history), retained ones to
         # ``retain`` as well: called here, on the hot path, without a layer between.
-        self.keep = keep
+        self.record = record
         self.retain = retain
+        self.release = release  # told when a channel's last stream leaves (the ingest)
         self.metrics = metrics
         self.write_buffer_bytes = write_buffer_bytes
         self.write_timeout = write_timeout
-        self.epoch = new_epoch()
+        self.epoch = epoch or new_epoch()
         self.seq = 0
         self.head = f"{self.epoch}-0"  # id of the newest event
         self.connections: set[Connection] = set()
@@ -96,6 +72,10 @@ class Hub:
         # Cached: checked per event that nobody subscribes to.
         self.log_unmatched = log.isEnabledFor(logging.DEBUG)
 
+    def configure(self, cfg: Config) -> None:
+        self.write_buffer_bytes = cfg.limits.write_buffer_bytes
+        self.write_timeout = cfg.sse.write_timeout_seconds
+
     # -- membership -------------------------------------------------------------
 
     def add(self, conn: Connection) -> None:
@@ -103,19 +83,27 @@ class Hub:
         self.connections.add(conn)
         for channel in conn.channels:
             self._by_channel.setdefault(channel, set()).add(conn)
+        conn.on_finish = self._unsubscribe
         self.stats.connections_opened += 1
 
     def remove(self, conn: Connection) -> None:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
+        self._unsubscribe(conn)
+        self.stats.connections_closed[conn.close_reason or "client_closed"] += 1
+
+    def _unsubscribe(self, conn: Connection) -> None:
+        # Also called as the stream finishes: from then on no event is queued
+        # to it (or counted as delivered), though its handler still holds it.
         for channel in conn.channels:
             subs = self._by_channel.get(channel)
             if subs is not None:
                 subs.discard(conn)
                 if not subs:
                     del self._by_channel[channel]
-        self.stats.connections_closed[conn.close_reason or "client_closed"] += 1
+                    if self.release is not None:
+                        self.release(channel)
 
     def subscriptions(self) -> int:
         return sum(len(subs) for subs in self._by_channel.values())
@@ -135,7 +123,7 @@ class Hub:
         pub = Published(event, seq, id, now)
         self.head = id
         self.stats.events_ingested += 1
-        self.keep(pub)
+        self.record(pub)
         if event.retain is not None:
             self.retain(pub)
         subs = self._by_channel.get(event.channel)
@@ -178,11 +166,10 @@ class Hub:
             ", ".join(sorted(self._by_channel)[:20]) or "none",
         )
 
-    def skip(self) -> str:
-        """Burn one position to stand for events lost in an outage; returns the new head."""
+    def skip(self) -> None:
+        """Burn one position to stand for events lost in an outage (a new head)."""
         self.seq += 1
         self.head = f"{self.epoch}-{self.seq}"
-        return self.head
 
     def send(self, conn: Connection, frame: bytes) -> None:
         """Queue a connection-specific frame (control event, heartbeat) behind its pending ones."""
@@ -232,8 +219,10 @@ class Hub:
 
     # -- shared timers ------------------------------------------------------------
 
-    def heartbeat(self, conns: list[Connection]) -> None:
-        """Send a heartbeat to each of ``conns`` that wrote nothing since the last visit.
+    def visit(self, conns: list[Connection]) -> None:
+        """The shared timer's round: end each of ``conns`` whose unsent bytes have not
+        drained for ``write_timeout``, and heartbeat those that wrote nothing since
+        the last visit.
 
         When the head moved since the connection's last frame, the heartbeat is
         ``id: <head>`` (no data, no event fires): the connection has been sent
@@ -271,7 +260,10 @@ class Hub:
             conn.wrote = False
 
     def end(self, conn: Connection, reason: str, frame: bytes | None = None) -> None:
-        """Close ``conn`` on purpose: its pending frames and ``frame`` go out first."""
+        """Close ``conn`` on purpose: its pending frames and ``frame`` go out first.
+
+        A paused stream (its backlog still being written by its handler) gets
+        neither: bytes written now would land inside the backlog."""
         if frame is not None:
             self.send(conn, frame)
         self._write_pending(conn)

@@ -14,6 +14,7 @@ Pure: no I/O, no broker imports, so decoders and auth share it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 MAX_ID_LENGTH = 256
 ID_RULE = f"a non-empty string of at most {MAX_ID_LENGTH} characters without control characters"
@@ -28,21 +29,23 @@ class InvalidId(ValueError):
     """A value that is not a usable user or tenant id; the message says why."""
 
 
-def as_id(value: object) -> str:
-    """``value`` as an id, or InvalidId.
+def as_id(value: object, refuse: Callable[[str], Exception] = InvalidId) -> str:
+    """``value`` as an id; otherwise raises ``refuse(why)``.
 
     Accepts a string that is :data:`ID_RULE` or an integer (not a bool: PHP's
-    ``true`` must not become the id ``"True"``).
+    ``true`` must not become the id ``"True"``). ``refuse`` turns the reason
+    into the caller's own error (naming its field, carrying its status and
+    code); by default it is :class:`InvalidId`.
     """
     if isinstance(value, int) and not isinstance(value, bool):
         # Bounded before str(): Python refuses to print ints past 4300 digits.
         if -_MAX_INT < value < _MAX_INT:
             return str(value)
-        raise InvalidId(f"expected {ID_RULE} (an integer that long is not an id)")
+        raise refuse(f"expected {ID_RULE} (an integer that long is not an id)")
     if not isinstance(value, str):
-        raise InvalidId(f"expected {ID_RULE} or an integer, got {type(value).__name__}")
+        raise refuse(f"expected {ID_RULE} or an integer, got {type(value).__name__}")
     if not value or len(value) > MAX_ID_LENGTH or _CONTROL.search(value):
-        raise InvalidId(f"expected {ID_RULE}")
+        raise refuse(f"expected {ID_RULE}")
     return value
 
 

@@ -29,6 +29,15 @@ from broker.errors import ConfigError
 
 MIN_HMAC_SECRET_BYTES = 32
 
+# The JWT algorithms, by the kind of key that verifies them: a secret only
+# HS*, a public key only its own family's (an EC key only its curve's ES*).
+# One list for the config check (``auth.jwt.algorithms``) and the verifier.
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+EC_ALGORITHMS = ("ES256", "ES384", "ES512")
+ED_ALGORITHMS = ("EdDSA",)
+JWT_ALGORITHMS = (*HMAC_ALGORITHMS, *RSA_ALGORITHMS, *EC_ALGORITHMS, *ED_ALGORITHMS)
+
 _BEGIN = "-----BEGIN PUBLIC KEY-----"
 _END = "-----END PUBLIC KEY-----"
 _ANY_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")

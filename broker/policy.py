@@ -38,6 +38,6 @@ class Policy:
             auth=build_authenticator(cfg, stats, metrics),
             public=Grants.compile(cfg.auth.effective_public_channels),
             cors=Cors(cfg.server.cors_origins),
-            trusted=trusted_networks(cfg.server.trusted_proxies),
+            trusted=trusted_networks(cfg.server.trusted_networks),
             publish_keys=load_publish_keys(cfg),
         )

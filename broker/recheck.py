@@ -23,7 +23,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from broker.auth import ANONYMOUS, Authenticator, Identity, authorize
-from broker.auth.grants import Grants
+from broker.auth.grants import PROTECTED, Grants
 from broker.connection import Connection
 from broker.errors import BrokerError, Forbidden, Unauthorized
 from broker.scheduler import Deadlines, Periodic
@@ -39,7 +39,7 @@ def needs_recheck(mode: str, identity: Identity, channels: tuple[str, ...]) -> b
     if mode == "callback":
         return identity is not ANONYMOUS
     if mode == "laravel":
-        return any(c.startswith(("private-", "presence-")) for c in channels)
+        return any(c.startswith(PROTECTED) for c in channels)
     return False
 
 
@@ -96,7 +96,7 @@ class Rechecker:
     @property
     def pending(self) -> int:
         """Entries held for streams: due-time heap, queue and checks in flight."""
-        return len(self._due) + len(self._queue) + len(self._in_flight)
+        return self._due.pending + len(self._queue) + len(self._in_flight)
 
     def start(self) -> None:
         self._pump.start()

@@ -11,28 +11,33 @@ Pub/sub mode decides from the process's history alone. Stream mode serves
 from memory when this instance's history covers the position, else from
 XRANGE, and resets only when the stream lost entries after the position
 (``max-deleted-entry-id``).
+
+:class:`Resume` is given exactly what it decides from: the history, the
+id scheme (what a ``Last-Event-ID`` names), a source of retained state, and
+in stream mode the stream (:class:`StreamLog`); no broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from broker import control, sse
+from broker.config import Config
 from broker.connection import Connection
-from broker.envelope import decode_stream
+from broker.envelope import Published, decode_stream
 from broker.errors import Rejected
-from broker.hub import Published
-from broker.ids import split_event_id
-from broker.ingest.stream import Entry, stream_seq
-
-if TYPE_CHECKING:
-    from broker.app import Broker
+from broker.history import History, RetainedState
+from broker.metrics import Stats
+from broker.positions import Entry, Scheme, stream_seq
+from broker.retained_store import RedisRetained
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +54,201 @@ return {#r, r[#r][1]}
 """
 
 
-async def backlog(
-    broker: Broker, conn: Connection, last_id: str | None, position: tuple[int, str]
-) -> list[bytes]:
-    """The frames ``conn`` gets before live events, for a stream registered at ``position``."""
-    upto, head = position
-    frames: list[bytes] = []
-    if last_id is not None:
+@dataclass(frozen=True)
+class StreamLog:
+    """The stream behind stream mode, as resume reads it."""
+
+    commands: Callable[[], aioredis.Redis]
+    key: str
+
+
+class StateSource(Protocol):
+    """Where retained state comes from (memory, or Redis and memory)."""
+
+    def memory(self, conn: Connection, upto: int) -> list[Published]:
+        """What this process holds, visible to ``conn`` at ``upto``."""
+        ...
+
+    async def load(self, conn: Connection, upto: int) -> list[Published]:
+        """All of it, visible to ``conn`` at ``upto``, in publish order."""
+        ...
+
+
+def _visible(conn: Connection, pub: Published, upto: int) -> bool:
+    # Entries past ``upto`` reach the stream live; tombstones only mark deletions.
+    return pub.seq <= upto and not pub.event.deletes and conn.may_see(pub.event)
+
+
+class MemoryState:
+    """Pub/sub mode: the retained state this process saw."""
+
+    def __init__(self, retained: RetainedState) -> None:
+        self.retained = retained
+
+    def memory(self, conn: Connection, upto: int) -> list[Published]:
+        return [
+            p for p in self.retained.snapshot(conn.channels, conn.tenant) if _visible(conn, p, upto)
+        ]
+
+    async def load(self, conn: Connection, upto: int) -> list[Published]:
+        return self.memory(conn, upto)
+
+
+class StreamState(MemoryState):
+    """Stream mode: Redis holds the state from before this process; memory what
+    this process read since (possibly not yet written back). Later id wins."""
+
+    def __init__(
+        self, retained: RetainedState, stored: RedisRetained, commands: Callable[[], aioredis.Redis]
+    ) -> None:
+        super().__init__(retained)
+        self.stored = stored
+        self.commands = commands
+
+    async def load(self, conn: Connection, upto: int) -> list[Published]:
         try:
-            reason, missed = await _resume(broker, conn.channels, last_id, upto, head)
+            stored = await self.stored.load(self.commands(), conn.channels)
         except (RedisError, OSError) as exc:
-            # History in Redis cannot be read now: say so (a reset), do not fail.
-            log.warning("resume from Redis failed (%s): sending broker.reset", exc)
-            reason, missed = "outage", []
-        if reason is None:
-            frames = [p.frame for p in missed if conn.may_see(p.event)]
-            broker.stats.replays_served += 1
-            broker.stats.events_replayed += len(frames)
-            conn.last_id = last_id
-            return frames
-        broker.stats.resets[reason] += 1
-        frames.append(control.reset_frame(reason, head, control.jitter(broker.cfg.sse.retry_ms)))
-    return _with_state(conn, head, frames, await _state(broker, conn, upto))
+            log.warning("retained state unavailable from Redis (%s): sending what memory has", exc)
+            stored = []
+        latest: dict[tuple[str, str | None, str | None], Published] = {}
+        for pub in chain(stored, self.retained.snapshot(conn.channels, conn.tenant)):
+            event = pub.event
+            if event.tenant is not None and event.tenant != conn.tenant:
+                continue
+            key = (event.channel, event.tenant, event.retain)
+            if key not in latest or pub.seq > latest[key].seq:
+                latest[key] = pub
+        return sorted((p for p in latest.values() if _visible(conn, p, upto)), key=lambda p: p.seq)
 
 
-def gap_frames(broker: Broker, conn: Connection, reason: str, head: str) -> list[bytes]:
-    """For an open stream after events were lost: ``broker.reset``, then the retained
-    state this process holds in memory."""
-    reset = control.reset_frame(reason, head, control.jitter(broker.cfg.sse.retry_ms))
-    return _with_state(conn, head, [reset], _memory_state(broker, conn, broker.hub.seq))
+class Resume:
+    def __init__(
+        self,
+        *,
+        history: History,
+        scheme: Scheme,
+        state: StateSource,
+        stats: Stats,
+        settings: Callable[[], Config],
+        stream: StreamLog | None = None,
+    ) -> None:
+        self.history = history
+        self.scheme = scheme
+        self.state = state
+        self.stats = stats
+        self.settings = settings  # the current configuration (a reload replaces it)
+        self.stream = stream
+        self.stream_start = 0  # stream mode: this instance's history begins after it
+
+    async def backlog(
+        self, conn: Connection, last_id: str | None, position: tuple[int, str]
+    ) -> list[bytes]:
+        """The frames ``conn`` gets before live events, for a stream registered at ``position``."""
+        upto, head = position
+        frames: list[bytes] = []
+        if last_id is not None:
+            try:
+                reason, missed = await self._resume(conn.channels, last_id, upto, head)
+            except (RedisError, OSError) as exc:
+                # History in Redis cannot be read now: say so (a reset), do not fail.
+                log.warning("resume from Redis failed (%s): sending broker.reset", exc)
+                reason, missed = "outage", []
+            if reason is None:
+                frames = [p.frame for p in missed if conn.may_see(p.event)]
+                self.stats.replays_served += 1
+                self.stats.events_replayed += len(frames)
+                conn.last_id = last_id
+                return frames
+            self.stats.resets[reason] += 1
+            frames.append(control.reset_frame(reason, head, self._retry()))
+        return _with_state(conn, head, frames, await self.state.load(conn, upto))
+
+    def gap_frames(self, conn: Connection, reason: str, head: str, upto: int) -> list[bytes]:
+        """For an open stream after events were lost: ``broker.reset``, then the retained
+        state this process holds in memory."""
+        reset = control.reset_frame(reason, head, self._retry())
+        return _with_state(conn, head, [reset], self.state.memory(conn, upto))
+
+    def _retry(self) -> int:
+        return control.jitter(self.settings().sse.retry_ms)
+
+    def needs_scan(self, channels: tuple[str, ...], last_id: str | None, head: int) -> bool:
+        """Whether resuming from ``last_id`` would read the stream from Redis (stream
+        mode, a position older than this instance's memory): decided before the
+        response starts, so that a resume past ``replay.max_concurrent_scans`` can
+        get the retryable refusal instead of a stream."""
+        if self.stream is None or last_id is None:
+            return False
+        seq = self.scheme.parse(last_id)
+        if isinstance(seq, str) or seq > head:
+            return False  # unknown, or ahead: a catch-up, then memory
+        return self._before_memory(channels, seq)
+
+    def _before_memory(self, channels: tuple[str, ...], seq: int) -> bool:
+        return seq < self.stream_start or self.history.lost_after(channels, seq) is not None
+
+    async def _resume(
+        self, channels: tuple[str, ...], last_id: str, upto: int, upto_id: str
+    ) -> tuple[str | None, list[Published]]:
+        """(None, missed events) for an exact resume, else (reset reason, [])."""
+        seq = self.scheme.parse(last_id)
+        if isinstance(seq, str):
+            return seq, []
+        if seq > upto:
+            return "unknown_id", []
+        if self.stream is not None and self._before_memory(channels, seq):
+            return await self._from_stream(self.stream, channels, last_id, seq, upto_id)
+        reason = self.history.lost_after(channels, seq)
+        if reason is not None:
+            return reason, []
+        return None, self.history.since(channels, seq, upto)
+
+    async def _from_stream(
+        self, stream: StreamLog, channels: tuple[str, ...], last_id: str, seq: int, upto_id: str
+    ) -> tuple[str | None, list[Published]]:
+        """Missed events read back from the stream (older than this instance's memory).
+
+        Bounded by ``replay.max_resume_scan`` entries read (of every channel) and
+        by ``replay.max_bytes`` kept. Nothing is decoded until the whole range is
+        known to fit: a resume from too long ago costs Redis round trips and
+        hiredis parsing, not Python work per entry, and the decoding of one that
+        fits yields to the loop every batch, so live clients keep their pace.
+        """
+        cfg = self.settings()
+        client, key = stream.commands(), stream.key
+        budget = cfg.replay.max_resume_scan  # entries of every channel, read or skipped
+        max_bytes = cfg.replay.max_bytes
+        if budget == 0 or await trimmed_after(client, key, last_id, seq):
+            return "expired", []
+        if not await _within(client, key, last_id, upto_id, budget):
+            # Further back than a resume may read: the honest reset, not a scan
+            # of the whole stream on a client's say-so.
+            return "expired", []
+        wanted = {c.encode() for c in channels}
+        kept: list[Entry] = []
+        size = 0
+        start = "(" + last_id
+        while True:
+            count = min(XRANGE_BATCH, budget + 1)
+            entries = cast(
+                list[Entry],
+                await client.xrange(key, min=start, max=upto_id, count=count),
+            )
+            budget -= len(entries)
+            if budget < 0:
+                return "expired", []  # the stream grew past the bound meanwhile
+            for entry in entries:
+                fields = entry[1]
+                if fields.get(b"channel") in wanted:
+                    kept.append(entry)
+                    size += sum(len(k) + len(v) for k, v in fields.items())
+            if size > max_bytes:
+                return "expired", []  # more than a replay may hold
+            if len(entries) < count:
+                break
+            start = "(" + entries[-1][0].decode()
+        return await _decode_entries(kept, max_bytes, cfg.limits.max_event_bytes)
 
 
 def _with_state(
@@ -90,76 +261,6 @@ def _with_state(
         frames.append(sse.encode_id(head))
     conn.last_id = head
     return frames
-
-
-def _visible(conn: Connection, pub: Published, upto: int) -> bool:
-    # Entries past ``upto`` reach the stream live; tombstones only mark deletions.
-    return pub.seq <= upto and not pub.event.deletes and conn.may_see(pub.event)
-
-
-def _memory_state(broker: Broker, conn: Connection, upto: int) -> list[Published]:
-    return [
-        p for p in broker.retained.snapshot(conn.channels, conn.tenant) if _visible(conn, p, upto)
-    ]
-
-
-async def _state(broker: Broker, conn: Connection, upto: int) -> list[Published]:
-    if not broker.stream_mode:
-        return _memory_state(broker, conn, upto)
-    # Redis holds the state from before this process; memory what this
-    # process read since (possibly not yet written back). Later id wins.
-    try:
-        stored = await broker.redis_retained.load(broker.redis(), conn.channels)
-    except (RedisError, OSError) as exc:
-        log.warning("retained state unavailable from Redis (%s): sending what memory has", exc)
-        stored = []
-    latest: dict[tuple[str, str | None, str | None], Published] = {}
-    for pub in chain(stored, broker.retained.snapshot(conn.channels, conn.tenant)):
-        event = pub.event
-        if event.tenant is not None and event.tenant != conn.tenant:
-            continue
-        key = (event.channel, event.tenant, event.retain)
-        if key not in latest or pub.seq > latest[key].seq:
-            latest[key] = pub
-    return sorted((p for p in latest.values() if _visible(conn, p, upto)), key=lambda p: p.seq)
-
-
-def needs_scan(broker: Broker, channels: tuple[str, ...], last_id: str | None) -> bool:
-    """Whether resuming from ``last_id`` would read the stream from Redis (stream
-    mode, a position older than this instance's memory): decided before the
-    response starts, so that a resume past ``replay.max_concurrent_scans`` can
-    get the retryable refusal instead of a stream."""
-    if not broker.stream_mode or last_id is None:
-        return False
-    seq = stream_seq(last_id)
-    if seq is None or seq > broker.hub.seq:
-        return False  # unknown, or ahead: a catch-up, then memory
-    return seq < broker.stream_start or broker.history.lost_after(channels, seq) is not None
-
-
-async def _resume(
-    broker: Broker, channels: tuple[str, ...], last_id: str, upto: int, upto_id: str
-) -> tuple[str | None, list[Published]]:
-    """(None, missed events) for an exact resume, else (reset reason, [])."""
-    if broker.stream_mode:
-        seq = stream_seq(last_id)
-        if seq is None or seq > upto:
-            return "unknown_id", []
-        if seq >= broker.stream_start and broker.history.lost_after(channels, seq) is None:
-            return None, broker.history.since(channels, seq, upto)
-        return await _from_stream(broker, channels, last_id, seq, upto_id)
-    parts = split_event_id(last_id)
-    if parts is None:
-        return "unknown_id", []
-    epoch, seq = parts
-    if str(epoch) != broker.hub.epoch:
-        return "epoch", []
-    if seq > upto:
-        return "unknown_id", []
-    reason = broker.history.lost_after(channels, seq)
-    if reason is not None:
-        return reason, []
-    return None, broker.history.since(channels, seq, upto)
 
 
 async def trimmed_after(client: aioredis.Redis, key: str, last_id: str, seq: int) -> bool:
@@ -186,53 +287,6 @@ async def trimmed_after(client: aioredis.Redis, key: str, last_id: str, seq: int
     return added is None or int(added) != int(info["length"])
 
 
-async def _from_stream(
-    broker: Broker, channels: tuple[str, ...], last_id: str, seq: int, upto_id: str
-) -> tuple[str | None, list[Published]]:
-    """Missed events read back from the stream (older than this instance's memory).
-
-    Bounded by ``replay.max_resume_scan`` entries read (of every channel) and
-    by ``replay.max_bytes`` kept. Nothing is decoded until the whole range is
-    known to fit: a resume from too long ago costs Redis round trips and
-    hiredis parsing, not Python work per entry, and the decoding of one that
-    fits yields to the loop every batch, so live clients keep their pace.
-    """
-    client = broker.redis()
-    key = broker.cfg.ingest.stream_key
-    budget = broker.cfg.replay.max_resume_scan  # entries of every channel, read or skipped
-    max_bytes = broker.cfg.replay.max_bytes
-    if budget == 0 or await trimmed_after(client, key, last_id, seq):
-        return "expired", []
-    if not await _within(client, key, last_id, upto_id, budget):
-        # Further back than a resume may read: the honest reset, not a scan
-        # of the whole stream on a client's say-so.
-        return "expired", []
-    wanted = {c.encode() for c in channels}
-    kept: list[Entry] = []
-    size = 0
-    start = "(" + last_id
-    while True:
-        count = min(XRANGE_BATCH, budget + 1)
-        entries = cast(
-            list[Entry],
-            await client.xrange(key, min=start, max=upto_id, count=count),
-        )
-        budget -= len(entries)
-        if budget < 0:
-            return "expired", []  # the stream grew past the bound meanwhile
-        for entry in entries:
-            fields = entry[1]
-            if fields.get(b"channel") in wanted:
-                kept.append(entry)
-                size += sum(len(k) + len(v) for k, v in fields.items())
-        if size > max_bytes:
-            return "expired", []  # more than a replay may hold
-        if len(entries) < count:
-            break
-        start = "(" + entries[-1][0].decode()
-    return await _decode_entries(broker, kept, max_bytes)
-
-
 async def _within(
     client: aioredis.Redis, key: str, last_id: str, upto_id: str, budget: int
 ) -> bool:
@@ -250,7 +304,7 @@ async def _within(
 
 
 async def _decode_entries(
-    broker: Broker, entries: list[Entry], max_bytes: int
+    entries: list[Entry], max_bytes: int, max_event_bytes: int
 ) -> tuple[str | None, list[Published]]:
     missed: list[Published] = []
     size = 0
@@ -258,7 +312,7 @@ async def _decode_entries(
         if i and i % XRANGE_BATCH == 0:
             await asyncio.sleep(0)  # a long replay must not stall live delivery
         try:
-            event = decode_stream(fields, broker.cfg.limits.max_event_bytes)
+            event = decode_stream(fields, max_event_bytes)
         except Rejected:
             continue  # counted when the reader first saw it
         id = raw_id.decode()

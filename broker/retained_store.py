@@ -19,10 +19,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from broker.envelope import from_fields
+from broker.envelope import Published, from_fields
 from broker.errors import Rejected
-from broker.hub import Published
-from broker.ingest.stream import stream_seq
+from broker.positions import stream_seq
 
 _CAS = """
 local function parse(id)

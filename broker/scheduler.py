@@ -158,5 +158,8 @@ class Deadlines:
         self._heap.clear()
         self._armed_for = math.inf
 
-    def __len__(self) -> int:
+    @property
+    def pending(self) -> int:
+        """Entries in the heap, those of closed connections not yet dropped included
+        (the memory it holds: ``sse_broker_deadline_entries``)."""
         return len(self._heap)

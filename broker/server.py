@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import random
-import signal
 import socket
 from collections.abc import Callable
 
@@ -29,35 +27,14 @@ from broker.config import Config, Listen
 from broker.errors import BrokerError
 from broker.guard import Guard, GuardedRunner
 from broker.http import public_app
+from broker.lifecycle import LISTEN_BACKLOG, Signals, bind
 from broker.logs import setup_logging
 from broker.scheduler import Periodic
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 4096
 DRAIN_TICK = 0.05  # seconds between two slices of drained streams
 INHERITED_WAIT_SECONDS = 5.0
-
-
-def bind(address: Listen) -> socket.socket:
-    """A listening socket for ``address`` (TCP or Unix)."""
-    if address.path is not None:
-        if os.path.exists(address.path):
-            os.unlink(address.path)  # a stale socket from an earlier run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(address.path)
-        # Reachable by the proxy's user whatever our umask (systemd's UMask=0027
-        # would shut nginx out); who may get there is up to the directory.
-        os.chmod(address.path, 0o666)
-    else:
-        assert address.host is not None and address.port is not None
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
 
 
 class Server:
@@ -90,7 +67,7 @@ class Server:
         self.admin_guard = Guard(timeout)
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
-        self._signals = 0
+        self._signals = Signals(self._on_stop_signal, self._on_reload_signal)
         self._tasks: set[asyncio.Task[None]] = set()
         interval = systemd.watchdog_interval()
         self.watchdog = Periodic(interval, self._pet) if interval else None
@@ -112,15 +89,12 @@ class Server:
         return apps
 
     async def _ready_when_subscribed(self) -> None:
-        await self.broker.subscribed_once.wait()
+        await self.broker.health.first_up.wait()
         systemd.notify("READY=1", "STATUS=listening and subscribed")
 
     async def startup(self) -> None:
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        self._signals.install()
         await self.broker.start()
         listeners = self.listeners()
         # Admin first (public last): health checks answer while we wait below.
@@ -131,7 +105,7 @@ class Server:
                 # subscription is up, rather than answering "not ready".
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(INHERITED_WAIT_SECONDS):
-                        await self.broker.subscribed_once.wait()
+                        await self.broker.health.first_up.wait()
             guard = self.guard if app is listeners[0][0] else self.admin_guard
             runner = GuardedRunner(
                 app, guard, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
@@ -159,13 +133,7 @@ class Server:
         gc.collect()
         gc.freeze()
 
-    def _on_stop_signal(self, signum: int) -> None:
-        self._signals += 1
-        name = signal.Signals(signum).name
-        if self._signals > 1:
-            log.warning("second signal %s: exiting now", name)
-            logging.shutdown()
-            os._exit(1)
+    def _on_stop_signal(self, name: str) -> None:
         log.info("signal %s: draining (a second signal exits at once)", name)
         self._stop.set()
 
@@ -237,9 +205,7 @@ class Server:
             await self.main_loop()
         finally:
             await self.shutdown()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            self._signals.restore()
         log.info("stopped")
 
 

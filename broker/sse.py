@@ -23,6 +23,14 @@ def _check_field(name: str, value: str) -> str:
     return value
 
 
+def _data_fields(data: str) -> str:
+    """One ``data:`` field per line of ``data``, split where the client's parser splits."""
+    # Substring tests first: most events are one line, and they beat the regex.
+    if "\n" in data or "\r" in data:
+        return "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    return f"data: {data}\n"
+
+
 def encode_event(data: str, *, event: str | None = None, id: str | None = None) -> bytes:
     """Encode one event: ``id:``, ``event:``, one ``data:`` line per line of ``data``.
 
@@ -32,11 +40,7 @@ def encode_event(data: str, *, event: str | None = None, id: str | None = None) 
     head = "" if id is None else f"id: {_check_field('id', id)}\n"
     if event is not None and event != "message":
         head += f"event: {_check_field('event', event)}\n"
-    if "\n" in data or "\r" in data:
-        body = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
-    else:
-        body = f"data: {data}\n"
-    return f"{head}{body}\n".encode()
+    return f"{head}{_data_fields(data)}\n".encode()
 
 
 def encode_trusted(data: str, event: str, id: str) -> bytes:
@@ -44,11 +48,7 @@ def encode_trusted(data: str, event: str, id: str) -> bytes:
     passed envelope validation and an ``id`` the broker made (the hot path
     skips re-checking them). ``data`` is still split into lines here."""
     head = f"id: {id}\n" if event == "message" else f"id: {id}\nevent: {event}\n"
-    if "\n" in data or "\r" in data:
-        body = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
-    else:
-        body = f"data: {data}\n"
-    return f"{head}{body}\n".encode()
+    return f"{head}{_data_fields(data)}\n".encode()
 
 
 def encode_id(id: str) -> bytes:
@@ -67,3 +67,8 @@ def encode_retry(ms: int) -> bytes:
 def encode_comment(text: str = "") -> bytes:
     """A comment, ignored by clients; multi-line text becomes several comment lines."""
     return "".join(f":{' ' if line else ''}{line}\n" for line in _LINE_BREAK.split(text)).encode()
+
+
+def chunk(frame: bytes) -> bytes:
+    """Frame bytes as one HTTP/1.1 chunk (the transport is written directly)."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)

@@ -42,7 +42,7 @@ from broker.admin import json_posts_only
 from broker.config import ENV_WORKER, Config
 from broker.guard import Guard, GuardedRunner
 from broker.http import json_response
-from broker.server import LISTEN_BACKLOG, bind
+from broker.lifecycle import LISTEN_BACKLOG, Signals, bind
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Supervisor:
         self.rundir = rundir
         self.n = cfg.server.workers
         self.procs: dict[int, asyncio.subprocess.Process] = {}
-        self._signals = 0
+        self._signals = Signals(self._on_stop, self._on_reload, self._kill_all)
         self._stopped = asyncio.Event()
         self._next_publish = 0
 
@@ -244,16 +244,18 @@ class Supervisor:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _on_stop(self, signum: int) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            log.warning("second signal: killing workers and exiting now")
-            self.signal_all(signal.SIGKILL)
-            os._exit(1)
-        log.info("signal %s: draining %d workers", signal.Signals(signum).name, self.n)
+    def _on_stop(self, name: str) -> None:
+        log.info("signal %s: draining %d workers", name, self.n)
         self._stopped.set()
         systemd.notify("STOPPING=1", "STATUS=draining")
         self.signal_all(signal.SIGTERM)
+
+    def _on_reload(self) -> None:
+        self.signal_all(signal.SIGHUP)
+
+    def _kill_all(self) -> None:
+        log.warning("killing %d workers", self.n)
+        self.signal_all(signal.SIGKILL)
 
     async def _announce_ready(self) -> None:
         while not self._stopped.is_set():
@@ -265,10 +267,7 @@ class Supervisor:
             await asyncio.sleep(0.1)
 
     async def run(self, admin: socket.socket | None) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.signal_all, signal.SIGHUP)
+        self._signals.install()
         runner: web.AppRunner | None = None
         if admin is not None:
             guard = Guard(self.cfg.server.header_timeout_seconds)  # the header deadline only

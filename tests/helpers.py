@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ import aiohttp
 import aiohttp.web
 import orjson
 import redis.asyncio as aioredis
-from sse_client import SSEClient, SSEStream
+from sse_client import SSEClient, SSEEvent, SSEStream
 from yarl import URL
 
 T = TypeVar("T")
@@ -96,6 +97,66 @@ async def eventually(
                 await asyncio.sleep(interval)
     except TimeoutError:
         raise TimeoutError(f"condition not met within {timeout}s; last value {last!r}") from None
+
+
+async def fence(
+    redis: aioredis.Redis,
+    channel: str,
+    *streams: SSEStream,
+    payload: Callable[[str], Any] = lambda marker: {"data": marker},
+    prefix: str = "sse:",
+    timeout: float = 5.0,
+) -> list[list[SSEEvent]]:
+    """Prove an absence without a sleep: publish a unique marker on ``channel`` (which
+    every one of ``streams`` subscribes to) and read each stream up to it.
+
+    Returns, per stream, the events that came before the marker (already queued or
+    read on the way), the marker itself left out. A stream gets its events in the
+    order they were published to the broker (one ingest, one queue per stream), so
+    once the marker is in, anything published before it and meant for that stream
+    (a duplicate, a leak, a refused post) is in too: an empty list proves it never
+    came. ``payload(marker)`` is what is published (a native envelope by default);
+    the marker is found in the event's data.
+    """
+    marker = f"fence-{uuid.uuid4().hex}"
+    receivers = await publish(redis, channel, payload(marker), prefix=prefix)
+    assert receivers, f"nobody subscribed to {prefix}{channel}: the fence would never come"
+    return await _read_to_marker(marker, streams, timeout)
+
+
+async def fence_stream(
+    redis: aioredis.Redis,
+    channel: str,
+    *streams: SSEStream,
+    fields: Callable[[str], Mapping[str, str]] = lambda marker: {"data": marker},
+    stream_key: str = "sse:stream",
+    timeout: float = 5.0,
+) -> list[list[SSEEvent]]:
+    """:func:`fence` for a broker in ``ingest.mode = "stream"``: the marker is an entry
+    ``XADD <stream_key> * channel <channel> <fields(marker)>`` (no trimming), read in
+    stream order after every entry added before it.
+
+    The marker stays in the stream (and the broker's history) like any entry: a later
+    resume or ``XRANGE`` sees it. After the fence, a stream's ``parser.last_event_id``
+    is the marker's id (nothing came after it). XADD cannot tell whether anybody reads
+    the stream; a marker nobody delivers times out after ``timeout``.
+    """
+    marker = f"fence-{uuid.uuid4().hex}"
+    await redis.xadd(stream_key, {"channel": channel, **fields(marker)})
+    return await _read_to_marker(marker, streams, timeout)
+
+
+async def _read_to_marker(
+    marker: str, streams: tuple[SSEStream, ...], timeout: float
+) -> list[list[SSEEvent]]:
+    """Per stream, the events before the one whose data holds ``marker`` (consumed)."""
+    before: list[list[SSEEvent]] = []
+    for s in streams:
+        got: list[SSEEvent] = []
+        while marker not in (event := await s.next_event(timeout)).data:
+            got.append(event)
+        before.append(got)
+    return before
 
 
 # -- Prometheus text exposition ------------------------------------------------

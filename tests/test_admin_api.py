@@ -117,6 +117,7 @@ async def jwt_broker(start_broker: StartBroker, *sets: str) -> BrokerProcess:
 # -- /admin/disconnect ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_form_post_to_disconnect_is_415_and_closes_nothing(
     start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
@@ -142,6 +143,7 @@ async def test_a_form_post_to_disconnect_is_415_and_closes_nothing(
     assert await broker.metric("sse_broker_connections_closed_total", {"reason": "revoked"}) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -167,6 +169,7 @@ async def test_json_with_parameters_in_any_case_is_accepted(
     assert answer == (200, {"disconnected": 0})
 
 
+@pytest.mark.slow
 async def test_the_content_type_is_checked_before_the_key(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -185,6 +188,7 @@ async def test_the_content_type_is_checked_before_the_key(
         assert (status, answer["error"]) == (401, "unauthorized"), path
 
 
+@pytest.mark.slow
 async def test_unknown_admin_paths_and_methods_keep_their_404_and_405(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -202,6 +206,7 @@ async def test_unknown_admin_paths_and_methods_keep_their_404_and_405(
 # -- /publish ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_form_post_to_publish_with_a_valid_key_is_415_and_publishes_nothing(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -229,6 +234,7 @@ async def test_a_form_post_to_publish_with_a_valid_key_is_415_and_publishes_noth
 # -- workers: the supervisor's admin listener ---------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_supervisor_refuses_form_posts_and_forwards_json(
     start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
@@ -322,6 +328,7 @@ async def submit_form(page: Page, url: str, enctype: str) -> Any:
     return orjson.loads(await page.evaluate("document.body.innerText"))
 
 
+@pytest.mark.slow
 async def test_a_page_on_another_site_cannot_disconnect_a_user(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,

@@ -99,6 +99,7 @@ async def failures(broker: BrokerProcess) -> Counter[str]:
 # -- credential sources and precedence -----------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_each_credential_source_is_accepted(
     start_broker: StartBroker, redis_client: Any
 ) -> None:
@@ -144,6 +145,7 @@ PRECEDENCE = [
 ]
 
 
+@pytest.mark.slow
 async def test_first_present_credential_wins(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -172,6 +174,7 @@ async def test_first_present_credential_wins(
 # -- refusals: 401 JSON, counted, never a crash, never logged ------------------------------
 
 
+@pytest.mark.slow
 async def test_invalid_tokens_are_401_json_counted_and_never_logged(
     start_broker: StartBroker, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -314,6 +317,7 @@ async def test_token_within_leeway_still_ends_with_token_expired(
 # -- keys: public keys, confusion, rotation ------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_rs256_es256_eddsa_public_keys(
     start_broker: StartBroker, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -703,6 +707,7 @@ async def test_ungranted_channel_is_403_naming_it(
     assert (await failures(broker))["channel_forbidden"] == 3
 
 
+@pytest.mark.slow
 async def test_grants_from_token_and_config_with_placeholders(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -727,6 +732,7 @@ async def test_grants_from_token_and_config_with_placeholders(
 INJECTION_IDS = ["*", "a*", "?", "??", "[x]", "[!z]", ".", "user.*", "*.*", "u1*", "[u]1"]
 
 
+@pytest.mark.slow
 async def test_placeholder_injection_does_not_widen_grants(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -744,6 +750,7 @@ async def test_placeholder_injection_does_not_widen_grants(
     assert (await get(http, broker.events_url("user.."), bearer(mint(sub="."))))[0] == 200
 
 
+@pytest.mark.slow
 async def test_public_channels_without_token_never_private_or_presence(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -763,6 +770,7 @@ async def test_public_channels_without_token_never_private_or_presence(
     ] == 200
 
 
+@pytest.mark.slow
 async def test_default_jwt_mode_has_no_public_channels(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -774,6 +782,7 @@ async def test_default_jwt_mode_has_no_public_channels(
 # -- expiry during a stream ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_token_expiry_ends_stream_with_token_expired(
     start_broker: StartBroker, redis_client: Any
 ) -> None:
@@ -806,6 +815,7 @@ async def test_token_expiry_ends_stream_with_token_expired(
 # -- the CLI -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_cli_token_verifies_and_grants_what_it_says(
     start_broker: StartBroker, http: aiohttp.ClientSession
 ) -> None:
@@ -842,6 +852,7 @@ garbage = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60,
     deadline=None,

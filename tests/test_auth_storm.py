@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -188,6 +189,18 @@ async def refused(broker: BrokerProcess, reason: str) -> float:
     return await broker.metric("sse_broker_requests_refused_total", {"reason": reason}) or 0
 
 
+def closed_first_to(port: int) -> set[tuple[str, str]]:
+    """Connections to ``port`` that this side closed first and the other side closed
+    too: the (local, peer) of our sockets in TIME-WAIT."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "time-wait", f"dport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {(line.split()[2], line.split()[3]) for line in out.splitlines()}
+
+
 async def backend_calls(broker: BrokerProcess, result: str) -> float:
     return await broker.metric("sse_broker_auth_backend_calls_total", {"result": result}) or 0
 
@@ -221,6 +234,7 @@ async def full_share_again(
 # -- laravel --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_laravel_request_naming_too_many_protected_channels_is_400_without_a_call(
     start_broker: StartBroker, app: StormApp, clients: dict[str, aiohttp.ClientSession]
 ) -> None:
@@ -247,6 +261,7 @@ async def test_laravel_request_naming_too_many_protected_channels_is_400_without
     assert app.calls[REAL_ADDRESS] == 8
 
 
+@pytest.mark.slow
 async def test_laravel_storm_of_random_cookies_does_not_refuse_a_real_user(
     start_broker: StartBroker, app: StormApp, clients: dict[str, aiohttp.ClientSession]
 ) -> None:
@@ -276,6 +291,7 @@ async def test_laravel_storm_of_random_cookies_does_not_refuse_a_real_user(
 # -- callback -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_callback_storm_of_random_cookies_does_not_refuse_a_real_user(
     start_broker: StartBroker, app: StormApp, clients: dict[str, aiohttp.ClientSession]
 ) -> None:
@@ -301,6 +317,7 @@ async def test_callback_storm_of_random_cookies_does_not_refuse_a_real_user(
     await full_share_again(app, clients, url, storming)
 
 
+@pytest.mark.slow
 async def test_per_client_slots_are_released_whatever_ends_the_call(
     start_broker: StartBroker, app: StormApp, clients: dict[str, aiohttp.ClientSession]
 ) -> None:
@@ -308,6 +325,8 @@ async def test_per_client_slots_are_released_whatever_ends_the_call(
     call gives its slot back."""
     broker = await callback_broker(start_broker, app, "auth.callback.timeout_seconds=1")
     url = broker.events_url("private-feed")
+    assert broker.url is not None
+    port = int(broker.url.rsplit(":", 1)[1])
     address = STORM_ADDRESSES[0]
     http = clients[address]
     for attempt in range(1, 3):
@@ -318,13 +337,17 @@ async def test_per_client_slots_are_released_whatever_ends_the_call(
         await eventually(app.total_in_flight, lambda n: n == PER_CLIENT)
         status, body, _ = await get(http, url, random_cookie())
         assert (status, body["error"]) == (503, "auth_client_busy")
+        closed_before = closed_first_to(port)
         for task in abandoned:  # the browsers go away while the app thinks
             task.cancel()
         await asyncio.gather(*abandoned, return_exceptions=True)
-        # Not a condition to wait for (nothing shows it): time for the hang-ups
-        # to reach the broker before the app answers, so their calls end with
-        # nobody waiting.
-        await asyncio.sleep(0.2)
+        # The hang-ups reached the broker before the app answers, so their calls end
+        # with nobody waiting: it closed its end of both (ours are in TIME-WAIT only
+        # then), which it does as it drops their requests.
+        await eventually(
+            lambda before=closed_before: asyncio.sleep(0, len(closed_first_to(port) - before)),
+            lambda n: n >= 2,  # both abandoned calls
+        )
         app.gate.set()
         assert outcome(await denied) == "401"
         assert outcome(await failed) == "503 auth_unavailable"

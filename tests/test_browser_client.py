@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import jwt
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from browser import Browser, Page, browser  # noqa: F401
@@ -216,6 +217,30 @@ def data_of(events: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     return [(e["type"], e["data"]) for e in events]
 
 
+async def fence(
+    page: Page, send: Callable[[dict[str, str]], Awaitable[object]], *names: str
+) -> list[list[dict[str, Any]]]:
+    """Prove an absence without a sleep: ``send`` publishes ``{"fence": <marker>}`` after
+    whatever must not arrive, on a channel and as an event type every client of ``names``
+    gets. A stream is delivered in publish order, so once the marker is in, anything
+    published before it is in too. Returns each client's events before the marker,
+    which must be its last event."""
+    marker = f"fence-{time.monotonic_ns()}"
+    await send({"fence": marker})
+    arrived = " && ".join(
+        f"seen[{orjson.dumps(name).decode()}].events.some("
+        f"e => e.data && e.data.fence === {orjson.dumps(marker).decode()})"
+        for name in names
+    )
+    await page.wait_for(arrived)
+    before = []
+    for name in names:
+        events = (await seen(page, name))["events"]
+        assert events[-1]["data"] == {"fence": marker}, f"{name} got more after the fence: {events}"
+        before.append(events[:-1])
+    return before
+
+
 def mint(user: str, channels: list[str], ttl: float) -> str:
     return jwt.encode(
         {"sub": user, "channels": channels, "exp": int(time.time() + ttl)}, SECRET, "HS256"
@@ -229,6 +254,7 @@ async def _now(value: Any) -> Any:
 # -- same origin, through the proxy ------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_several_channels_one_connection_and_exact_resume_after_a_cut(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,
@@ -277,11 +303,14 @@ async def test_several_channels_one_connection_and_exact_resume_after_a_cut(
         for i in range(12, 15):
             await send(i)
         await page.wait_for("seen.c.events.length === 15")
-        await asyncio.sleep(0.3)  # room for a duplicate to show up
 
+        async def tick(data: dict[str, str]) -> None:
+            await publish(redis_client, "a", envelope(data, event="tick"))
+
+        [events] = await fence(page, tick, "c")  # a duplicate would have come before it
         got = await seen(page, "c")
-        assert data_of(got["events"]) == expected, "not exactly the published events, in order"
-        ids = [e["id"] for e in got["events"]]
+        assert data_of(events) == expected, "not exactly the published events, in order"
+        ids = [e["id"] for e in events]
         assert len(set(ids)) == len(ids) == 15 and all(ids)
         second = site.requests[1]
         assert second.last_event_id == last_id, "the browser resumed with Last-Event-ID"
@@ -293,6 +322,7 @@ async def test_several_channels_one_connection_and_exact_resume_after_a_cut(
         assert (await broker.metric("sse_broker_resets_total") or 0) == 0
 
 
+@pytest.mark.slow
 async def test_outage_reset_calls_on_reset_after_refetch_after_ms(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,
@@ -336,6 +366,7 @@ async def test_outage_reset_calls_on_reset_after_refetch_after_ms(
         assert got["states"] == ["connecting", "open"] and len(site.requests) == 1
 
 
+@pytest.mark.slow
 async def test_closed_for_good_backs_off_and_resumes_with_last_event_id_query(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,
@@ -395,6 +426,7 @@ async def test_closed_for_good_backs_off_and_resumes_with_last_event_id_query(
         assert [d["n"] for _, d in data_of(got["events"])] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 async def test_token_expired_gets_a_fresh_token_and_loses_nothing(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,
@@ -446,10 +478,13 @@ async def test_token_expired_gets_a_fresh_token_and_loses_nothing(
         await page.wait_for("seen.c.events.length === 5")
         await publish(redis_client, "a", envelope({"n": 5}, event="tick"))
         await page.wait_for("seen.c.events.length === 6")
-        await asyncio.sleep(0.3)
 
+        async def tick(data: dict[str, str]) -> None:
+            await publish(redis_client, "b", envelope(data, event="tick"))
+
+        [events] = await fence(page, tick, "c")  # a duplicate would have come before it
         got = await seen(page, "c")
-        assert [d["n"] for _, d in data_of(got["events"])] == list(range(6))
+        assert [d["n"] for _, d in data_of(events)] == list(range(6))
         assert got["reconnects"] == [
             {"reason": "token_expired", "retry_ms": frame.json()["retry_ms"]}
         ]
@@ -464,6 +499,7 @@ async def test_token_expired_gets_a_fresh_token_and_loses_nothing(
         assert await broker.metric("sse_broker_replays_served_total") == 1
 
 
+@pytest.mark.slow
 async def test_socket_id_keeps_to_others_events_from_the_sending_tab(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,
@@ -497,14 +533,18 @@ async def test_socket_id_keeps_to_others_events_from_the_sending_tab(
         )  # older Laravel
         await laravel({"event": "OrderShipped", "data": {"id": 3}, "socket": None})
         await page.wait_for("seen.other.events.length === 3 && seen.sender.events.length === 1")
-        await asyncio.sleep(0.2)
-        assert [d["id"] for _, d in data_of((await seen(page, "sender"))["events"])] == [3]
-        assert [d["id"] for _, d in data_of((await seen(page, "other"))["events"])] == [1, 2, 3]
+        # for everyone (no socket): once both have it, the sender has all it will get of 1 and 2
+        sender_got, other_got = await fence(
+            page, lambda data: laravel({"event": "OrderShipped", "data": data}), "sender", "other"
+        )
+        assert [d["id"] for _, d in data_of(sender_got)] == [3]
+        assert [d["id"] for _, d in data_of(other_got)] == [1, 2, 3]
 
 
 # -- cross origin: the page on one origin, the broker on another ----------------------------
 
 
+@pytest.mark.slow
 async def test_cross_origin_with_credentials_from_an_allowed_origin_only(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,
@@ -588,7 +628,11 @@ async def test_cross_origin_with_credentials_from_an_allowed_origin_only(
             timeout=5,
         )  # the request did reach the broker...
         await publish(redis_client, "a", envelope({"n": 5}, event="tick"))
-        await asyncio.sleep(0.5)
+        # The fence here is the EventSource's error: the browser checks CORS on the
+        # response headers and fails the connection then, before any event could be
+        # dispatched; after it this EventSource is closed for good (the client backs off
+        # for 5 s). Were the origin allowed, the state would be "open" and this times out.
+        await page.wait_for("seen.foreign.states.at(-1) === 'reconnecting'")
         foreign = await seen(page, "foreign")
         assert (
             "open" not in foreign["states"] and foreign["events"] == []

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from browser import Browser, browser  # noqa: F401
@@ -128,6 +129,7 @@ class RecordingProxy:
                     record.cut.set()
 
 
+@pytest.mark.slow
 async def test_eventsource_last_event_id_advances_on_id_heartbeats_and_no_event_fires(
     browser: Browser,  # noqa: F811
     start_broker: StartBroker,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT, BrokerProcess
 from sse_client import SSEClient
 
@@ -73,6 +74,7 @@ def test_shipped_config_file_is_valid() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 async def test_publish_command_reaches_a_stream(broker: BrokerProcess, redis_server) -> None:
     async with SSEClient.connect(broker.events_url("orders")) as s:
         await s.wait_for(lambda st: st.parser.retry is not None)
@@ -92,6 +94,7 @@ async def test_publish_command_reaches_a_stream(broker: BrokerProcess, redis_ser
     assert (event.type, event.json()) == ("order.created", {"id": 5})
 
 
+@pytest.mark.slow
 def test_publish_command_reports_an_unreachable_redis() -> None:
     result = run_cli("publish", "orders", "x", "--set", "redis.url=redis://127.0.0.1:1/0")
     assert result.returncode == 2

@@ -124,6 +124,7 @@ async def test_a_grant_where_a_wildcard_follows_a_placeholder_is_a_config_error(
 # -- finding 5: identity values are bounded strings without control characters ------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sub", "tenant"),
     [
@@ -164,6 +165,7 @@ async def test_a_nul_in_a_stream_tenant_cannot_file_retained_state_under_another
     assert triples(s.pending) == [("message", "real", good)]
 
 
+@pytest.mark.slow
 async def test_malformed_retained_entries_in_redis_are_skipped_not_delivered(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:

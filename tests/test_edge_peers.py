@@ -187,6 +187,7 @@ async def closed_remotes(broker: BrokerProcess, *remotes: str) -> str:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proxy", ["127.0.0.1", "::ffff:127.0.0.1"])
 async def test_an_ipv4_proxy_on_a_dual_stack_listener_is_trusted(
     spawn_activated: SpawnActivated,  # noqa: F811

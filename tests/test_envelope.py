@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from broker.envelope import (
-    REJECT_REASONS,
     Event,
     decode_laravel,
     decode_native,
@@ -19,6 +18,22 @@ from broker.envelope import (
 from broker.errors import Rejected
 
 MAX = 1024
+
+# The reasons of sse_broker_events_rejected_total as the README lists them:
+# every decoder rejection must use one of them.
+REJECT_REASONS = (
+    "too_large",
+    "bad_channel",
+    "bad_encoding",
+    "bad_event",
+    "reserved_event",
+    "bad_tenant",
+    "bad_users",
+    "bad_retain",
+    "retain_with_users",
+    "bad_data",
+    "bad_envelope",
+)
 
 
 def decode(payload: Any, channel: str = "orders") -> Event:

@@ -159,6 +159,7 @@ def broker_argv(tmp_path: Path) -> list[str]:
     return [sys.executable, str(script)]
 
 
+@pytest.mark.slow
 async def test_start_broker_waits_for_readiness_and_exposes_the_process(
     start_broker: StartBroker, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,12 +191,14 @@ async def test_start_broker_waits_for_readiness_and_exposes_the_process(
     assert "reloaded" in broker.log_text()
 
 
+@pytest.mark.slow
 async def test_later_sets_override_the_fixture_defaults(start_broker: StartBroker) -> None:
     broker = await start_broker("server.path=/sse", "redis.url=redis://127.0.0.1:1/0")
     assert broker.events_url("x").endswith("/sse?channel=x")
     assert "'redis.url': 'redis://127.0.0.1:1/0'" in broker.log_text()
 
 
+@pytest.mark.slow
 async def test_wait_ready_false_only_needs_healthz(start_broker: StartBroker) -> None:
     broker: BrokerProcess = await start_broker("fake.never_ready=1", wait_ready=False)
     assert (await broker.get("/readyz"))[0] == 503

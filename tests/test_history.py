@@ -16,9 +16,9 @@ from itertools import count
 import pytest
 
 from broker import history as history_module
-from broker.envelope import Event
+from broker.envelope import Event, Published
 from broker.history import History, RetainedState, entry_size
-from broker.hub import Published
+from broker.metrics import Stats
 
 EPOCH = "1700000000000"
 BIG = 10**12  # a bound that never binds
@@ -163,6 +163,7 @@ def test_ttl_expires_old_events_on_every_channel() -> None:
     assert history.expire() == 0
 
 
+@pytest.mark.slow
 def test_memory_never_exceeds_the_bounds_under_a_long_flood() -> None:
     rng = random.Random(20240601)
     clock = FakeClock()
@@ -393,7 +394,7 @@ def deletion(channel: str, seq: int, key: str, *, tenant: str | None = None) -> 
 
 
 def test_retained_key_is_set_replaced_and_deleted() -> None:
-    state = RetainedState(max_keys=10, max_bytes=BIG)
+    state = RetainedState(max_keys=10, max_bytes=BIG, stats=Stats())
     v1 = retained("s", 1, "status", "v1")
     v2 = retained("s", 2, "status", "v2 is longer")
     assert state.apply(v1)
@@ -405,11 +406,11 @@ def test_retained_key_is_set_replaced_and_deleted() -> None:
     assert (state.keys, state.bytes) == (0, 0)
     assert state.apply(deletion("s", 4, "status")), "deleting a missing key is fine"
     assert state.apply(published("s", 5, "not retained"))
-    assert (state.keys, state.bytes, state.refused) == (0, 0, 0)
+    assert (state.keys, state.bytes, state.stats.retained_refused) == (0, 0, 0)
 
 
 def test_retained_state_is_scoped_per_tenant() -> None:
-    state = RetainedState(max_keys=10, max_bytes=BIG)
+    state = RetainedState(max_keys=10, max_bytes=BIG, stats=Stats())
     everyone = retained("c", 1, "k", "for everyone")
     acme = retained("c", 2, "k", "acme's k", tenant="acme")
     acme_other = retained("c", 3, "other", "acme's other", tenant="acme")
@@ -428,7 +429,7 @@ def test_retained_state_is_scoped_per_tenant() -> None:
 
 
 def test_snapshot_is_in_publish_order_across_channels_and_scopes() -> None:
-    state = RetainedState(max_keys=100, max_bytes=BIG)
+    state = RetainedState(max_keys=100, max_bytes=BIG, stats=Stats())
     order = [
         retained("b", 1, "x"),
         retained("a", 2, "x", tenant="t"),
@@ -446,11 +447,11 @@ def test_snapshot_is_in_publish_order_across_channels_and_scopes() -> None:
 
 
 def test_max_keys_refuses_new_keys_but_updates_existing_ones() -> None:
-    state = RetainedState(max_keys=2, max_bytes=BIG)
+    state = RetainedState(max_keys=2, max_bytes=BIG, stats=Stats())
     assert state.apply(retained("c", 1, "k1"))
     assert state.apply(retained("c", 2, "k2"))
     assert not state.apply(retained("c", 3, "k3"))
-    assert state.refused == 1
+    assert state.stats.retained_refused == 1
     assert seqs(state.snapshot(["c"], None)) == [1, 2]
     assert state.apply(retained("c", 4, "k1", "updated"))
     assert state.keys == 2
@@ -459,19 +460,21 @@ def test_max_keys_refuses_new_keys_but_updates_existing_ones() -> None:
     assert state.apply(deletion("c", 6, "k2"))
     assert state.apply(retained("c", 7, "k3"))
     assert seqs(state.snapshot(["c"], None)) == [4, 7]
-    assert state.refused == 2
+    assert state.stats.retained_refused == 2
 
 
 def test_max_bytes_drops_a_key_whose_update_would_pass_it() -> None:
     small1, small2 = retained("c", 1, "k1", "a"), retained("c", 2, "k2", "b")
-    state = RetainedState(max_keys=100, max_bytes=entry_size(small1) + entry_size(small2) + 50)
+    state = RetainedState(
+        max_keys=100, max_bytes=entry_size(small1) + entry_size(small2) + 50, stats=Stats()
+    )
     assert state.apply(small1)
     assert state.apply(small2)
     big = retained("c", 3, "k1", "x" * 200)
     assert not state.apply(big)
     # neither the stale value nor the refused one is served as current
     assert state.snapshot(["c"], None) == [small2]
-    assert (state.keys, state.bytes, state.refused) == (1, entry_size(small2), 1)
+    assert (state.keys, state.bytes, state.stats.retained_refused) == (1, entry_size(small2), 1)
     assert not state.apply(retained("c", 4, "k9", "y" * 500)), "a new key too big is refused"
     assert state.snapshot(["c"], None) == [small2]
     assert state.apply(retained("c", 5, "k1", "c"))

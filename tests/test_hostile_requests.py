@@ -1355,7 +1355,8 @@ async def run_batch(
             await _eventually_zero(t)
         except TimeoutError as exc:
             result.failures.append(f"{t.name}: sse_broker_connections did not return to 0: {exc}")
-    await asyncio.sleep(0.05)  # a traceback is logged right after its answer
+    for t in targets:
+        await log_fence(t)  # a traceback is logged right after its answer
     for t in targets:
         found = log_problems(t.log_since())
         tracebacks = sum(1 for line in found if is_traceback(line))
@@ -1381,6 +1382,29 @@ async def _eventually_zero(target: Target) -> None:
     await eventually(lambda: open_connections(target), lambda n: n == 0, timeout=5.0)
 
 
+async def log_fence(target: Target) -> None:
+    """Wait until ``target`` logged what it was going to about the requests so far,
+    without consuming its log (``log_since`` still returns all of it).
+
+    The fence: one more public stream, opened and closed once no other stream is
+    open. The broker writes its ``stream closed`` line as it unregisters it, after
+    the hang-up reached its loop; a traceback that follows an answer is logged in
+    the loop's steps right after that answer, long before this stream's request
+    was even read. A sleep would only hope so."""
+
+    def closes() -> int:
+        with target.log_path.open("rb") as f:
+            f.seek(target.log_offset)
+            return f.read().count(b"stream closed")
+
+    await _eventually_zero(target)  # any other stream's line is written: ours is the next
+    before = closes()
+    fence = _get(b"channel=pub.fence").wire(b"0")
+    out = await send(target.host, target.port, fence, head=False, timeout=5)
+    assert out.status == 200, (target.name, out)
+    await eventually(lambda: asyncio.sleep(0, closes()), lambda n: n > before)
+
+
 async def culprits(
     targets: Sequence[Target], batch: Sequence[Hostile], limit: int = 8
 ) -> list[str]:
@@ -1389,7 +1413,7 @@ async def culprits(
     for req in batch:
         t = targets[req.target]
         out = await send(t.host, t.port, req.wire(t.epoch), head=req.method == b"HEAD", timeout=5)
-        await asyncio.sleep(0.05)
+        await log_fence(t)
         errors = exceptions(t.log_since())
         if errors:
             found.append(

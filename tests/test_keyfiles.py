@@ -332,6 +332,7 @@ def forge(secret: str, kid: str | None = None) -> str:
         return jwt.encode(claims, secret, algorithm="HS256", headers={"kid": kid} if kid else None)
 
 
+@pytest.mark.slow
 async def test_attack_inline_comment_in_secret_file_stops_the_broker(
     start_broker: StartBroker, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:

@@ -32,8 +32,8 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import REPO_ROOT, BrokerProcess, RedisServer, StartBroker, free_port
-from helpers import envelope, eventually, get, publish, serve, stream
-from sse_client import SSEClient, SSEStream
+from helpers import envelope, eventually, fence, get, publish, serve, stream
+from sse_client import SSEClient
 
 AUTH_PATH = "/broadcasting/auth"
 EXAMPLE_CONFIG = REPO_ROOT / "examples/laravel/config/sse-broker.toml"
@@ -181,12 +181,6 @@ async def soft_refusal(broker: BrokerProcess, headers: dict[str, str], *channels
         return s.pending[0].json()
 
 
-async def nothing_more(s: SSEStream, timeout: float = 0.3) -> None:
-    assert not s.pending, s.pending
-    with pytest.raises(TimeoutError):
-        await s.next_event(timeout=timeout)
-
-
 async def backend_calls(broker: BrokerProcess, result: str) -> float:
     return await broker.metric("sse_broker_auth_backend_calls_total", {"result": result}) or 0
 
@@ -236,6 +230,7 @@ async def test_every_protected_channel_is_asked_separately(
     assert all(c.form["socket_id"] for c in app.calls)
 
 
+@pytest.mark.slow
 async def test_presence_answer_makes_its_user_the_streams_user(
     start_broker: StartBroker, app: LaravelApp, redis_client: Any
 ) -> None:
@@ -249,13 +244,12 @@ async def test_presence_answer_makes_its_user_the_streams_user(
         await publish(redis_client, "presence-chat.5", envelope("for all"))
         assert [e.data for e in await ada.events(2)] == ["for 7", "for all"]
         assert [e.data for e in await bob.events(2)] == ["for 8", "for all"]
-        await nothing_more(ada)
-        await nothing_more(bob)
+        assert await fence(redis_client, "presence-chat.5", ada, bob) == [[], []]
     async with stream(broker, "presence-room.1", headers=browser("s-bob")) as bob:
         await publish(redis_client, "presence-room.1", envelope("for 7", users=[7]))
         await publish(redis_client, "presence-room.1", envelope("for 8", users=[8]))
         assert [e.data for e in await bob.events(1)] == ["for 8"]
-        await nothing_more(bob)
+        assert await fence(redis_client, "presence-room.1", bob) == [[]]
 
 
 async def test_public_channels_need_no_session_and_no_call(
@@ -270,6 +264,7 @@ async def test_public_channels_need_no_session_and_no_call(
 # -- denied ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "status", "app_status"),
     [
@@ -360,6 +355,7 @@ async def test_allowed_answers_are_cached_per_session_and_channel(
     assert await backend_calls(broker, "cache_hit") == 2
 
 
+@pytest.mark.slow
 async def test_cache_expires_after_cache_ttl_seconds(
     start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
 ) -> None:
@@ -418,6 +414,7 @@ async def test_max_concurrency_refuses_retryably_beyond_it(
 # -- failing closed -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["down", "500", "404", "timeout"])
 async def test_app_failures_fail_closed_with_a_retryable_503(
     start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession, failure: str
@@ -492,8 +489,9 @@ async def php_broadcast(redis_server: RedisServer, prefix: str, *args: str) -> N
     assert proc.returncode == 0, (out, err)
 
 
+@pytest.mark.slow
 async def test_example_config_with_php_broadcasts_end_to_end(
-    start_broker: StartBroker, app: LaravelApp, redis_server: RedisServer
+    start_broker: StartBroker, app: LaravelApp, redis_server: RedisServer, redis_client: Any
 ) -> None:
     require_php()
     # examples/laravel/config/sse-broker.toml as shipped; only the addresses differ
@@ -522,4 +520,14 @@ async def test_example_config_with_php_broadcasts_end_to_end(
         for s in (tab2, bob):
             assert [(e.type, e.json()) for e in await s.events(3)] == expected
         assert [(e.type, e.json()) for e in await tab1.events(2)] == [expected[0], expected[2]]
-        await nothing_more(tab1)
+        # the example config reads the laravel format: the marker is broadcast like one
+        before = await fence(
+            redis_client,
+            "private-orders.1",
+            tab1,
+            tab2,
+            bob,
+            payload=lambda marker: {"event": "Fence", "data": {"m": marker}, "socket": None},
+            prefix=prefix,
+        )
+        assert before == [[], [], []]

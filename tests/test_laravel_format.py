@@ -25,8 +25,8 @@ import jwt
 import orjson
 import pytest
 from conftest import REPO_ROOT, BrokerProcess, RedisServer, StartBroker
-from helpers import eventually
-from sse_client import SSEClient, SSEStream
+from helpers import eventually, fence
+from sse_client import SSEClient, SSEEvent, SSEStream
 
 from broker.envelope import Event, decode_laravel
 from broker.errors import Rejected
@@ -248,19 +248,28 @@ async def stream(
         yield s
 
 
-async def nothing_more(s: SSEStream, timeout: float = 0.3) -> None:
-    assert not s.pending, s.pending
-    with pytest.raises(TimeoutError):
-        await s.next_event(timeout=timeout)
+async def laravel_fence(
+    redis: Any, channel: str, *streams: SSEStream, prefix: str
+) -> list[list[SSEEvent]]:
+    """:func:`helpers.fence` with the marker broadcast as Laravel would (this broker
+    reads the laravel format only): an event whose data holds the marker, no socket."""
+    return await fence(
+        redis,
+        channel,
+        *streams,
+        payload=lambda marker: {"event": "Fence", "data": {"marker": marker}, "socket": None},
+        prefix=prefix,
+    )
 
 
 async def rejected(broker: BrokerProcess, reason: str) -> float:
     return await broker.metric("sse_broker_events_rejected_total", {"reason": reason}) or 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", [OLD_PREFIX, NEW_PREFIX])
 async def test_php_broadcast_reaches_the_private_channel(
-    start_broker: StartBroker, redis_server: RedisServer, prefix: str
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any, prefix: str
 ) -> None:
     require_php()
     broker = await laravel_broker(start_broker, prefix)
@@ -291,10 +300,13 @@ async def test_php_broadcast_reaches_the_private_channel(
         assert status.type == "order.status"  # broadcastAs()
         assert status.json() == {"id": 1, "status": "packed", "note": "Größe L/XL 😀"}
         assert status.data == '{"id":1,"status":"packed","note":"Größe L/XL 😀"}'
-        await nothing_more(s)
-        await nothing_more(other)  # another order's channel
+        assert await laravel_fence(redis_client, "private-orders.1", s, prefix=prefix) == [[]]
+        # another order's channel: its own fence, published after the fence above (one
+        # ingest, in publish order), so a leak from private-orders.1 would come first
+        assert await laravel_fence(redis_client, "private-orders.2", other, prefix=prefix) == [[]]
 
 
+@pytest.mark.slow
 async def test_payload_edge_cases_from_php(
     start_broker: StartBroker, redis_server: RedisServer
 ) -> None:
@@ -312,8 +324,9 @@ async def test_payload_edge_cases_from_php(
     assert [(e.type, e.data) for e in got] == [("Edge", data) for _, data in cases]
 
 
+@pytest.mark.slow
 async def test_to_others_skips_only_the_tab_that_caused_it(
-    start_broker: StartBroker, redis_server: RedisServer
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
     broker = await laravel_broker(start_broker, NEW_PREFIX)
     async with (
@@ -336,11 +349,13 @@ async def test_to_others_skips_only_the_tab_that_caused_it(
             assert all("socket" not in e.json() for e in got)  # pulled out of data
         [only] = await mine.events(1)
         assert only.json()["status"] == "shipped"
-        await nothing_more(mine)
+        before = await laravel_fence(redis_client, "private-orders.1", mine, prefix=NEW_PREFIX)
+        assert before == [[]]
 
 
+@pytest.mark.slow
 async def test_to_others_holds_for_replayed_events_too(
-    start_broker: StartBroker, redis_server: RedisServer
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
     broker = await laravel_broker(start_broker, OLD_PREFIX)
     async with stream(broker, "private-orders.1") as observer:
@@ -364,7 +379,7 @@ async def test_to_others_holds_for_replayed_events_too(
         replayed = await s.next_event()
         assert replayed.json()["status"] == "c"
         assert replayed.last_event_id == seen[2].last_event_id
-        await nothing_more(s)
+        assert await laravel_fence(redis_client, "private-orders.1", s, prefix=OLD_PREFIX) == [[]]
 
 
 async def test_event_class_without_socket_trait_sends_no_socket(
@@ -379,6 +394,7 @@ async def test_event_class_without_socket_trait_sends_no_socket(
     assert event.json() == {"orderId": 5, "status": "shipped", "trackingUrl": None}
 
 
+@pytest.mark.slow
 async def test_bad_laravel_messages_are_rejected_and_counted(
     start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
@@ -392,20 +408,21 @@ async def test_bad_laravel_messages_are_rejected_and_counted(
         await broadcast(redis_server, OLD_PREFIX, "OrderShipped", "1")
         good = await s.next_event()
         assert good.type == "App\\Events\\OrderShipped"
-        await nothing_more(s)
+        assert await laravel_fence(redis_client, "private-orders.1", s, prefix=OLD_PREFIX) == [[]]
     await eventually(lambda: rejected(broker, "reserved_event"), lambda n: n == 1)
     await eventually(lambda: rejected(broker, "bad_envelope"), lambda n: n == 2)
     assert "reserved" in broker.log_text()
 
 
+@pytest.mark.slow
 async def test_prefix_mismatch_delivers_nothing(
-    start_broker: StartBroker, redis_server: RedisServer
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
     # the app on a newer skeleton, the broker configured for the older prefix
     broker = await laravel_broker(start_broker, OLD_PREFIX)
     async with stream(broker, "private-orders.1") as s:
         await broadcast(redis_server, NEW_PREFIX, "OrderShipped", "1")
-        await nothing_more(s, timeout=0.5)
+        assert await laravel_fence(redis_client, "private-orders.1", s, prefix=OLD_PREFIX) == [[]]
         await broadcast(redis_server, OLD_PREFIX, "OrderShipped", "1")
         assert (await s.next_event()).type == "App\\Events\\OrderShipped"
 
@@ -417,8 +434,9 @@ async def wait_log(broker: BrokerProcess, text: str, timeout: float = 5.0) -> st
     return await eventually(probe, lambda log: text in log, timeout=timeout)
 
 
+@pytest.mark.slow
 async def test_debug_log_names_channels_that_no_stream_listens_to(
-    start_broker: StartBroker, redis_server: RedisServer
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
     broker = await laravel_broker(start_broker, OLD_PREFIX, "log.level=debug")
     # the page subscribed "orders.1" where Laravel broadcasts on "private-orders.1"
@@ -427,7 +445,7 @@ async def test_debug_log_names_channels_that_no_stream_listens_to(
         log = await wait_log(broker, "'private-orders.1' matches no open stream")
         line = next(x for x in log.splitlines() if "'private-orders.1' matches no open" in x)
         assert "orders.1" in line.split("channels with streams:")[1]
-        await nothing_more(s)
+        assert await laravel_fence(redis_client, "orders.1", s, prefix=OLD_PREFIX) == [[]]
 
 
 async def test_an_empty_prefix_shows_the_apps_real_redis_channel_names(
@@ -453,6 +471,7 @@ def test_example_broker_config_is_valid() -> None:
     assert cfg.auth.laravel.credential_cookies == ("laravel_session",)
 
 
+@pytest.mark.slow
 async def test_readme_quick_look_without_an_app(
     start_broker: StartBroker, redis_server: RedisServer
 ) -> None:

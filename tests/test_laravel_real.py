@@ -59,6 +59,7 @@ async def backend_calls(broker: BrokerProcess, result: str) -> float:
 # -- what the app answers (no broker): the premises of the tests below ----------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("path", "channel", "status", "content_type", "body"),
     [
@@ -119,6 +120,7 @@ async def test_the_real_app_answers_the_broker_s_question_as_the_tests_assume(
 # -- Laravel's stock answers --------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stock_true_answer_opens_a_private_channel_that_laravel_broadcasts_reach(
     start_broker: StartBroker, app: LaravelApp
 ) -> None:
@@ -130,6 +132,7 @@ async def test_stock_true_answer_opens_a_private_channel_that_laravel_broadcasts
     assert await backend_calls(broker, "allowed") == 1
 
 
+@pytest.mark.slow
 async def test_laravel_s_403_for_another_user_s_channel_is_a_403_naming_it(
     start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
 ) -> None:
@@ -145,6 +148,7 @@ async def test_laravel_s_403_for_another_user_s_channel_is_a_403_naming_it(
         assert (await s.json())["error"] == "channel_forbidden"
 
 
+@pytest.mark.slow
 async def test_a_guest_session_is_refused_with_laravel_s_403(
     start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
 ) -> None:
@@ -156,6 +160,7 @@ async def test_a_guest_session_is_refused_with_laravel_s_403(
     assert body["error"] == "channel_forbidden"
 
 
+@pytest.mark.slow
 async def test_stock_presence_answer_opens_the_stream_and_makes_its_user_the_streams(
     start_broker: StartBroker, app: LaravelApp, http: aiohttp.ClientSession
 ) -> None:
@@ -194,6 +199,7 @@ async def read_refusal(s: SSEStream, app: LaravelApp, trigger: str) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("path", "channel", "trigger"),
     [

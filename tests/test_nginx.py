@@ -292,6 +292,7 @@ async def test_events_arrive_one_by_one_unbuffered_and_resume_is_exact(
         assert not s.pending
 
 
+@pytest.mark.slow
 async def test_forwarded_for_reaches_the_broker_per_ip_limit(
     start_broker: StartBroker, start_nginx: StartNginx
 ) -> None:
@@ -376,6 +377,7 @@ async def test_http2_is_offered_to_browsers(stack: Stack) -> None:
             assert tls.selected_alpn_protocol() == chosen
 
 
+@pytest.mark.slow
 async def test_broker_down_keeps_an_event_source_retrying_until_it_is_back(
     start_broker: StartBroker,
     start_nginx: StartNginx,

@@ -24,6 +24,7 @@ import jwt
 import orjson
 import pytest
 from conftest import REPO_ROOT, BrokerProcess, RedisServer, StartBroker, free_port
+from helpers import fence, fence_stream
 from sse_client import SSEClient, SSEEvent, SSEStream
 
 EXAMPLES = REPO_ROOT / "examples/php"
@@ -111,12 +112,6 @@ async def stream(
         yield s
 
 
-async def nothing_more(s: SSEStream, timeout: float = 0.3) -> None:
-    assert not s.pending, s.pending
-    with pytest.raises(TimeoutError):
-        await s.next_event(timeout=timeout)
-
-
 def typed(events: list[SSEEvent]) -> list[tuple[str, Any]]:
     return [(e.type, e.json()) for e in events]
 
@@ -126,10 +121,19 @@ NOTE = ("order.note", {"id": 42, "text": "Your parcel left the warehouse ✓"})
 
 
 async def check_order_events(
-    broker: BrokerProcess, publish: Any, *, status: tuple[str, Any] = STATUS
+    broker: BrokerProcess,
+    publish: Any,
+    redis: Any,
+    *,
+    stream_mode: bool,
+    status: tuple[str, Any] = STATUS,
 ) -> list[SSEEvent]:
     """Streams of three identities; ``publish()`` runs the PHP example; each stream gets
-    what its tenant and user may see. Returns user 7's events."""
+    what its tenant and user may see. Returns user 7's events.
+
+    ``redis`` publishes the fence that proves nothing more came: an entry of
+    ``sse:stream`` when ``stream_mode`` (it stays there, after the example's), else
+    a PUBLISH."""
     async with (
         stream(broker, "orders", token=token("7", "acme", "orders")) as ada,
         stream(broker, "orders", token=token("8", "acme", "orders")) as bob,
@@ -139,9 +143,10 @@ async def check_order_events(
         got = await ada.events(2)
         assert typed(got) == [status, NOTE]  # tenant acme, user 7: both
         assert typed(await bob.events(1)) == [status]  # not among "users"
-        await nothing_more(ada)
-        await nothing_more(bob)
-        await nothing_more(other_tenant)  # another tenant: nothing
+        # the marker has no tenant and no users: every stream gets it, after whatever
+        # the example published (another tenant's stream: nothing before it)
+        fence_for = fence_stream if stream_mode else fence
+        assert await fence_for(redis, "orders", ada, bob, other_tenant) == [[], [], []]
     # the status was retained: a page opened later gets it first
     async with stream(broker, "orders", token=token("8", "acme", "orders")) as late:
         assert typed(await late.events(1)) == [status]
@@ -151,8 +156,9 @@ async def check_order_events(
 # -- phpredis: native and stream ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_publish_native_with_phpredis(
-    start_broker: StartBroker, redis_server: RedisServer
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
     broker = await jwt_broker(start_broker)
     out: list[str] = []
@@ -162,7 +168,9 @@ async def test_publish_native_with_phpredis(
         out.append(await run_php("publish_native.php", "42", env=env))
 
     carrier = {"id": 42, "status": "shipped", "carrier": "DHL/Express"}
-    await check_order_events(broker, publish, status=("order.status", carrier))
+    await check_order_events(
+        broker, publish, redis_client, stream_mode=False, status=("order.status", carrier)
+    )
     assert out == ["published order 42 to sse:orders (1 subscriber(s))\n"]
 
 
@@ -177,6 +185,7 @@ async def test_publish_native_honours_a_custom_prefix(
         assert [e.type for e in await s.events(2)] == ["order.status", "order.note"]
 
 
+@pytest.mark.slow
 async def test_publish_stream_with_phpredis(
     start_broker: StartBroker, redis_server: RedisServer, redis_client: Any
 ) -> None:
@@ -187,11 +196,13 @@ async def test_publish_stream_with_phpredis(
         env = redis_env(redis_server, SSE_TENANT="acme", SSE_USERS="7")
         ids.extend((await run_php("publish_stream.php", "42", env=env)).split())
 
-    got = await check_order_events(broker, publish)
+    got = await check_order_events(broker, publish, redis_client, stream_mode=True)
     assert all(STREAM_ID_RE.match(i) for i in ids), ids
     assert [e.last_event_id for e in got] == ids  # the stream ids are the event ids
-    entries = await redis_client.xrange("sse:stream")
+    # the example's entries, then only the fence's marker
+    *entries, (_, marker) = await redis_client.xrange("sse:stream")
     assert [e[0].decode() for e in entries] == ids
+    assert marker[b"channel"] == b"orders" and marker[b"data"].startswith(b"fence-")
     assert entries[1][1][b"users"] == b"[7]"  # a JSON array, as the broker wants it
 
 
@@ -214,9 +225,10 @@ async def test_publish_stream_trims_by_min_id(
 # -- predis ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["native", "stream"])
 async def test_publish_with_predis(
-    start_broker: StartBroker, redis_server: RedisServer, mode: str
+    start_broker: StartBroker, redis_server: RedisServer, redis_client: Any, mode: str
 ) -> None:
     require_php(predis=True)
     broker = await jwt_broker(start_broker, *(["ingest.mode=stream"] if mode == "stream" else []))
@@ -226,7 +238,7 @@ async def test_publish_with_predis(
         env = redis_env(redis_server, SSE_TENANT="acme", SSE_USERS="7")
         out.append(await run_php("publish_predis.php", mode, "42", env=env, predis=True))
 
-    got = await check_order_events(broker, publish)
+    got = await check_order_events(broker, publish, redis_client, stream_mode=mode == "stream")
     if mode == "stream":
         assert out[0].split() == [e.last_event_id for e in got]
     else:
@@ -265,6 +277,7 @@ async def test_publish_http_reports_a_refusal(start_broker: StartBroker) -> None
 # -- JWT minted by PHP -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_jwt_minted_by_php_is_accepted_and_grants_what_it_says(
     start_broker: StartBroker, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
@@ -294,7 +307,7 @@ async def test_jwt_minted_by_php_is_accepted_and_grants_what_it_says(
         await client.publish("sse:orders.acme.1", orjson.dumps({"data": 2, "tenant": "globex"}))
         await client.publish("sse:user.7", orjson.dumps({"data": 3}))
         assert [e.data for e in await s.events(2)] == ["1", "3"]
-        await nothing_more(s)
+        assert await fence(client, "user.7", s) == [[]]
     # not granted: 403 naming the channel; another secret: 401
     async with http.get(broker.events_url("orders.globex.1", token=minted)) as resp:
         assert resp.status == 403

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from conftest import BrokerProcess, RedisServer, StartBroker
+from helpers import fence, fence_stream
 from multidict import CIMultiDictProxy
 from sse_client import SSEClient, SSEStream
 
@@ -57,12 +58,6 @@ async def stream(broker: BrokerProcess, *channels: str) -> AsyncIterator[SSEStre
         assert s.status == 200, await s.text()
         await s.wait_for(lambda st: st.parser.last_event_id != "", what="the preamble")
         yield s
-
-
-async def nothing_more(s: SSEStream, timeout: float = 0.3) -> None:
-    assert not s.pending, s.pending
-    with pytest.raises(TimeoutError):
-        await s.next_event(timeout=timeout)
 
 
 # -- enabling and authentication -------------------------------------------------------
@@ -138,8 +133,9 @@ async def test_a_keys_file_alone_enables_publish(
 # -- pub/sub mode ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_single_envelope_goes_through_redis_to_every_instance(
-    start_broker: StartBroker, http: aiohttp.ClientSession
+    start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
     a = await start_broker(WITH_KEY)
     b = await start_broker()  # publishing is not local: B delivers it too
@@ -165,11 +161,12 @@ async def test_single_envelope_goes_through_redis_to_every_instance(
         for s in (on_a, on_b):
             event = await s.next_event()
             assert (event.type, event.data) == ("message", "a string, verbatim")
-            await nothing_more(s)
+        assert await fence(redis_client, "news", on_a, on_b) == [[], []]
 
 
+@pytest.mark.slow
 async def test_a_list_of_envelopes_is_published_in_order(
-    start_broker: StartBroker, http: aiohttp.ClientSession
+    start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
     broker = await start_broker(WITH_KEY)
     items = [
@@ -180,13 +177,14 @@ async def test_a_list_of_envelopes_is_published_in_order(
         status, body, _ = await post(http, broker, items)
         assert (status, body) == (200, {"published": 21, "ids": []})
         got = await s.events(20)
-        await nothing_more(s)
+        assert await fence(redis_client, "a", s) == [[]]
     assert [(e.type, e.json()) for e in got] == [(f"e{i}", {"i": i}) for i in range(20)]
 
 
 # -- stream mode --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stream_mode_answers_the_stream_ids_clients_see(
     start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
@@ -223,11 +221,14 @@ async def test_stream_mode_answers_the_stream_ids_clients_see(
             ("message", "null", ids[5]),
             ("price", "retained as the event name", ids[6]),
         ]
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
+        marker = s.parser.last_event_id
 
+    # what /publish wrote, then the fence's marker (the test's own entry)
     entries = await redis_client.xrange("sse:stream")
-    assert [id.decode() for id, _ in entries] == ids
-    fields = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
+    assert [id.decode() for id, _ in entries] == [*ids, marker]
+    *fields, fence_fields = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
+    assert fence_fields.keys() == {"channel", "data"} and fence_fields["channel"] == "news"
     assert fields == [
         {"channel": "news", "data": '{"n":1}', "event": "updated"},
         {"channel": "news", "data": "plain\ntwo lines"},
@@ -244,8 +245,9 @@ async def test_stream_mode_answers_the_stream_ids_clients_see(
     ]
 
 
+@pytest.mark.slow
 async def test_stream_mode_delivers_every_event_publish_accepted(
-    start_broker: StartBroker, http: aiohttp.ClientSession
+    start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
     # The size limit must mean the same for /publish and for the stream reader:
     # an event answered with 200 and an id must reach its subscribers.
@@ -270,7 +272,7 @@ async def test_stream_mode_delivers_every_event_publish_accepted(
             assert (event.data, event.last_event_id) == (data, body["ids"][0])
         else:
             assert (status, body["error"]) == (400, "too_large")
-        await nothing_more(s)
+        assert await fence_stream(redis_client, channel, s) == [[]]
     assert await broker.metric("sse_broker_events_rejected_total") is None
 
 
@@ -306,8 +308,9 @@ BAD_ITEMS: list[tuple[Any, str, str]] = [
 ]
 
 
+@pytest.mark.slow
 async def test_invalid_bodies_are_400_naming_the_field_and_the_item(
-    start_broker: StartBroker, http: aiohttp.ClientSession
+    start_broker: StartBroker, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
     broker = await start_broker(WITH_KEY, "limits.max_event_bytes=256")
     async with stream(broker, "news") as s:
@@ -331,12 +334,13 @@ async def test_invalid_bodies_are_400_naming_the_field_and_the_item(
             assert (status, body["error"]) == (400, code), bad
             assert body["message"].startswith("item 1: "), (bad, body)
             assert text in body["message"], (bad, body)
-        await nothing_more(s)
+        assert await fence(redis_client, "news", s) == [[]]
         status, body, _ = await post(http, broker, {"channel": "news", "data": "the only one"})
         assert status == 200
         assert (await s.next_event()).data == "the only one"
-        await nothing_more(s)
-    assert await broker.metric("sse_broker_events_ingested_total") == 1
+        assert await fence(redis_client, "news", s) == [[]]
+    # "the only one" and the two fences' markers: no refused item reached Redis
+    assert await broker.metric("sse_broker_events_ingested_total") == 3
 
 
 async def test_a_body_over_the_size_limit_is_413(
@@ -352,6 +356,7 @@ async def test_a_body_over_the_size_limit_is_413(
 # -- Redis down ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pubsub", "stream"])
 async def test_publish_answers_503_while_redis_is_down(
     start_broker: StartBroker, http: aiohttp.ClientSession, redis_server: RedisServer, mode: str

@@ -145,6 +145,7 @@ async def test_http_publish_of_a_targeted_event_reaches_only_its_audience(
         await fenced(a, b, f'"{field}"')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "_", "options"), TARGETS, ids=[t[0] for t in TARGETS])
 async def test_cli_publish_of_a_targeted_event_reaches_only_its_audience(
     start_broker: StartBroker,

@@ -67,6 +67,7 @@ async def test_only_a_definite_no_ends_a_stream(outcome: Any, stays: bool) -> No
     assert await still_authorized(Auth(outcome), Grants.compile([]), Conn()) is stays  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 async def test_ten_thousand_streams_are_rechecked_at_a_steady_rate_about_once_per_interval() -> (
     None
 ):

@@ -224,6 +224,7 @@ async def sentinel_setup(procs: Procs) -> SentinelSetup:
     return SentinelSetup(master, replica, sentinel, free_port())
 
 
+@pytest.mark.slow
 async def test_sentinel_failover_pubsub_resets_open_streams_and_delivers_again(
     start_broker: StartBroker, sentinel_setup: SentinelSetup
 ) -> None:
@@ -272,6 +273,7 @@ def flags(info: dict[str, str] | list[str]) -> str:
     return info["flags"]
 
 
+@pytest.mark.slow
 async def test_sentinel_without_a_master_for_a_while_the_broker_keeps_asking(
     start_broker: StartBroker, procs: Procs
 ) -> None:
@@ -308,6 +310,7 @@ async def test_sentinel_without_a_master_for_a_while_the_broker_keeps_asking(
         assert (await s.next_event()).data == "back"
 
 
+@pytest.mark.slow
 async def test_a_sentinel_that_is_down_does_not_slow_master_discovery(
     start_broker: StartBroker, sentinel_setup: SentinelSetup
 ) -> None:
@@ -327,6 +330,7 @@ async def test_a_sentinel_that_is_down_does_not_slow_master_discovery(
     )
 
 
+@pytest.mark.slow
 async def test_sentinel_failover_stream_mode_resume_is_exact(
     start_broker: StartBroker, sentinel_setup: SentinelSetup
 ) -> None:
@@ -582,6 +586,7 @@ async def test_tls_with_the_wrong_ca_is_not_ready_and_says_why(
     assert await broker.metric("sse_broker_redis_connected") == 0
 
 
+@pytest.mark.slow
 async def test_mutual_tls_in_stream_mode(start_broker: StartBroker, procs: Procs, pki: Pki) -> None:
     """Client certificates (``ssl_certfile``/``ssl_keyfile``) on both of the broker's
     Redis paths: stream mode reads with redis-py (XREAD), the canary publishes."""
@@ -603,9 +608,17 @@ async def test_mutual_tls_in_stream_mode(start_broker: StartBroker, procs: Procs
         "ingest.mode=stream",
         wait_ready=False,
     )
-    await asyncio.sleep(1.0)
+    # The fence: it tried and was refused (a connection that worked would log
+    # "reading stream" and be ready instead). redis-py retries the TLS connect
+    # before the broker sees it fail: a few seconds.
+    await eventually(
+        lambda: asyncio.sleep(0, refused.log_path.read_text(errors="replace")),
+        lambda text: "read failed" in text,
+        timeout=20,
+    )
     status, _ = await refused.get("/readyz")
     assert status == 503
+    assert "reading stream" not in refused.log_path.read_text(errors="replace")
 
 
 # -- ACL users and password files -------------------------------------------------------------
@@ -637,6 +650,7 @@ async def test_acl_user_password_in_the_url(
     assert "secret" not in broker.log_path.read_text()
 
 
+@pytest.mark.slow
 async def test_acl_wrong_password_is_not_ready_without_leaking_it(
     start_broker: StartBroker, acl_redis: RedisServer
 ) -> None:
@@ -648,10 +662,15 @@ async def test_acl_wrong_password_is_not_ready_without_leaking_it(
     assert f"redis redis://{LOOPBACK}:{acl_redis.port}/0: subscribe failed (WRONGPASS" in log
     status, _ = await broker.get("/readyz")
     assert status == 503
-    await asyncio.sleep(0.5)  # a few more retries
-    assert wrong not in broker.log_path.read_text()
+    # a few more retries, each logged
+    log = await eventually(
+        lambda: asyncio.sleep(0, broker.log_path.read_text(errors="replace")),
+        lambda text: text.count("subscribe failed (WRONGPASS") >= 4,
+    )
+    assert wrong not in log
 
 
+@pytest.mark.slow
 async def test_password_file(
     start_broker: StartBroker, acl_redis: RedisServer, tmp_path: Path
 ) -> None:

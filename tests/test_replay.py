@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from conftest import BrokerProcess, RedisServer, StartBroker
-from helpers import encode_payload, envelope, eventually, publish
+from helpers import encode_payload, envelope, eventually, fence, publish
 from sse_client import SSEClient, SSEEvent, SSEParser, SSEStream
 
 PREAMBLE = b"retry: 3000\n: ok\n\n"
@@ -81,6 +82,7 @@ async def metric0(broker: BrokerProcess, name: str, labels: dict[str, str] | Non
 # -- 1. exact resume -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how", ["header", "query", "header_wins_over_bad_query", "header_wins_over_older_query"]
 )
@@ -121,6 +123,7 @@ async def test_resume_gets_exactly_the_missed_events_in_order_then_live(
 # -- 2. the replay/live boundary under load --------------------------------------------
 
 
+@pytest.mark.slow
 async def test_resume_during_a_publish_burst_has_no_gap_and_no_duplicate(
     broker: BrokerProcess, redis_client: aioredis.Redis
 ) -> None:
@@ -161,14 +164,10 @@ async def test_resume_during_a_publish_burst_has_no_gap_and_no_duplicate(
         expected = 20 + bursts * per_burst * 2 // 3
         reference = (await always.events(expected, timeout=20))[20:]
         async with open_stream(broker, *channels, last_event_id=last) as a:
-            rest = len(reference) - len(got)
-            if rest > 0:
-                with contextlib.suppress(TimeoutError):
-                    await a.wait_for(lambda st: st.parser.dispatched >= rest, timeout=10)
-            # and then nothing more
-            with contextlib.suppress(TimeoutError):
-                await a.wait_for(lambda st: st.parser.dispatched > rest, timeout=0.3)
-            got.extend(a.pending)
+            # the rest of the burst and then nothing more: all that comes before a
+            # marker published after the burst (a replay is written before live events)
+            [rest] = await fence(redis_client, channels[0], a, timeout=10)
+            got.extend(rest)
 
     assert sessions_during_burst >= 3, "the burst ended before the client could resume into it"
     assert all(e.type == "message" for e in got), [e for e in got if e.type != "message"][:3]
@@ -210,6 +209,7 @@ async def test_resume_replays_only_events_the_stream_may_see(
 # -- 4. resets -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_unusable_positions_get_broker_reset_with_the_reason_never_a_400(
     start_broker: StartBroker, redis_client: aioredis.Redis, http: aiohttp.ClientSession
 ) -> None:
@@ -312,6 +312,7 @@ async def test_quiet_channel_resumes_exactly_however_old_its_position(
 # -- 6. outage -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_resume_across_a_redis_outage_resets_then_the_resets_id_resumes_exactly(
     broker: BrokerProcess, redis_server: RedisServer, redis_client: aioredis.Redis
 ) -> None:
@@ -351,6 +352,7 @@ async def test_resume_across_a_redis_outage_resets_then_the_resets_id_resumes_ex
 # -- 7. retained state -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_retained_state_first_on_fresh_and_reset_streams_never_on_exact_resumes(
     broker: BrokerProcess, redis_client: aioredis.Redis
 ) -> None:
@@ -389,16 +391,16 @@ async def test_retained_state_first_on_fresh_and_reset_streams_never_on_exact_re
     async with open_stream(broker, "st", last_event_id=head) as exact:
         assert (await exact.next_event()).data == '{"v":3}'
         assert (await exact.next_event()).data == "live"
-        with pytest.raises(TimeoutError):
-            await exact.next_event(timeout=0.2)
+        assert await fence(redis_client, "st", exact) == [[]]
+        newest = exact.parser.last_event_id  # the fence's marker, now the head
 
     # a reset: broker.reset, then the state, then the head, then live
     async with open_stream(broker, "st", last_event_id="not-an-id") as reset:
         first, state = await reset.events(2)
         assert (first.type, first.json()["reason"]) == ("broker.reset", "unknown_id")
-        assert first.last_event_id == live.last_event_id
+        assert first.last_event_id == newest
         assert (state.data, state.last_event_id) == ('{"v":3}', v3.last_event_id)
-        await reset.wait_for(lambda st: st.parser.last_event_id == live.last_event_id)
+        await reset.wait_for(lambda st: st.parser.last_event_id == newest)
         await publish(redis_client, "st", "after the reset")
         assert (await reset.next_event()).data == "after the reset"
         assert not reset.pending
@@ -410,6 +412,7 @@ async def test_retained_state_first_on_fresh_and_reset_streams_never_on_exact_re
 # -- 8. bounds under a flood -----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_history_stays_within_its_bounds_under_a_flood(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -465,6 +468,7 @@ async def _slow_read(
         await asyncio.sleep(0.001)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("live", [False, True], ids=["replay_only", "with_live_and_heartbeats"])
 async def test_replay_bigger_than_the_socket_buffers_is_paced_not_a_slow_consumer(
     start_broker: StartBroker, redis_client: aioredis.Redis, live: bool
@@ -513,6 +517,49 @@ async def test_replay_bigger_than_the_socket_buffers_is_paced_not_a_slow_consume
         broker, "sse_broker_connections_closed_total", {"reason": "slow_consumer"}
     )
     assert closed == 0, broker.log_text()[-2000:]
+
+
+async def test_live_events_outgrowing_the_buffer_during_a_replay_make_a_counted_slow_consumer(
+    start_broker: StartBroker, redis_client: aioredis.Redis
+) -> None:
+    n, size = 300, 10_000  # a 3 MB replay: far more than the socket buffers below hold
+    broker = await start_broker(
+        "limits.write_buffer_bytes=65536",
+        "limits.max_event_bytes=65536",
+        "sse.heartbeat_seconds=3600",
+    )
+    async with open_stream(broker, "bulk") as s:
+        start = s.parser.last_event_id
+    await publish_many(redis_client, [("bulk", "x" * size) for _ in range(n)])
+    await wait_ingested(broker, n)
+
+    host, port = broker.url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # no autotuning to megabytes
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16384)
+    try:
+        writer.write(
+            b"GET /events?channel=bulk HTTP/1.1\r\nHost: broker\r\n"
+            b"Accept: text/event-stream\r\nLast-Event-ID: " + start.encode() + b"\r\n\r\n"
+        )
+        # The preamble arrived: the stream is registered (paused) and its replay
+        # is being written, which stalls while this client reads nothing.
+        await asyncio.wait_for(reader.readuntil(b": ok\n\n"), 5)
+        await publish_many(redis_client, [("bulk", "live" + "y" * size) for _ in range(10)])
+        await wait_ingested(broker, n + 10)
+        # 100 KB of live events queued behind the replay, over the 64 KB limit:
+        # the next batch the client takes ends the stream as a slow consumer.
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(15):
+                while await reader.read(65536):
+                    pass
+    finally:
+        writer.close()
+    closed = {"reason": "slow_consumer"}
+    assert await metric0(broker, "sse_broker_connections_closed_total", closed) == 1
+    assert await metric0(broker, "sse_broker_slow_consumer_closes_total") == 1
 
 
 # -- 10. metrics -----------------------------------------------------------------------

@@ -52,6 +52,7 @@ async def resume_outcome(broker: BrokerProcess, channel: str, last_id: str) -> s
         return "replayed"
 
 
+@pytest.mark.slow
 async def test_a_resume_reads_at_most_max_resume_scan_entries_then_resets(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -67,6 +68,7 @@ async def test_a_resume_reads_at_most_max_resume_scan_entries_then_resets(
     assert await resume_outcome(off, "old", ids[-2]) == "reset:expired"
 
 
+@pytest.mark.slow
 async def test_resumes_beyond_max_concurrent_scans_are_refused_retryably(
     start_broker: StartBroker, redis_client: aioredis.Redis, http: aiohttp.ClientSession
 ) -> None:

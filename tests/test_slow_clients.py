@@ -347,13 +347,17 @@ async def test_slow_header_flood_from_one_address_is_closed_in_time_and_others_s
     # Nothing is left counted against the attacker: exactly `cap` pending again.
     address = host_port(broker)
     with closing_all(await open_pending(address, ATTACKER, cap)) as socks:
-        await asyncio.sleep(0.2)
+        # all of them (and nothing else) pending at the broker before the one too many
+        await eventually(
+            lambda: broker.metric("sse_broker_pending_connections"), lambda n: n == cap
+        )
         extra = await connect(address, ATTACKER, PARTIAL[:10])
         with closing_all([extra]):
             held, refused = await split_held_refused([*socks, extra])
         assert refused == 1 and extra not in held, (len(held), refused)
 
 
+@pytest.mark.slow
 async def test_idle_keep_alive_and_a_trickled_next_request_are_closed_after_the_timeout(
     start_broker: StartBroker,
 ) -> None:
@@ -396,6 +400,7 @@ async def test_idle_keep_alive_and_a_trickled_next_request_are_closed_after_the_
         assert TIMEOUT - 0.5 <= took <= TIMEOUT + MARGIN, (what, took)
 
 
+@pytest.mark.slow
 async def test_pending_cap_closes_the_excess_from_one_address_while_another_connects(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -419,7 +424,10 @@ async def test_pending_cap_closes_the_excess_from_one_address_while_another_conn
 
         for sock in held[:4]:  # the client gives up on four
             sock.close()
-        await asyncio.sleep(0.2)
+        # the broker saw them go (and the other address's, closed above)
+        await eventually(
+            lambda: broker.metric("sse_broker_pending_connections"), lambda n: n == cap - 4
+        )
         with closing_all(await open_pending(address, ATTACKER, 5)) as again:
             held_again, refused_again = await split_held_refused(again)
             assert (len(held_again), refused_again) == (4, 1)
@@ -435,6 +443,7 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peer", ["trusted proxy", "unix socket"])
 async def test_trusted_proxies_and_unix_socket_peers_are_exempt_from_the_cap(
     peer: str, start_broker: StartBroker, short_dir: Path
@@ -469,6 +478,7 @@ async def test_trusted_proxies_and_unix_socket_peers_are_exempt_from_the_cap(
         assert closed == 100, "the header deadline applies to exempt peers too"
 
 
+@pytest.mark.slow
 async def test_streams_stop_counting_as_pending_once_admitted(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -497,6 +507,7 @@ async def test_streams_stop_counting_as_pending_once_admitted(
 # -- the guard in process: what it counts ----------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_guard_counts_return_to_zero_and_follow_a_reload() -> None:
     """In process, on a stand-in app: admitted connections and closed ones give
     their count back (the table ends empty), the counters count, and a new cap

@@ -266,6 +266,7 @@ def _events(draw: st.DrawFn) -> tuple[str | None, str, str | None]:
     return kind, data, event_id
 
 
+@pytest.mark.slow
 @settings(database=None, deadline=None, max_examples=300)
 @given(
     events=st.lists(_events(), max_size=6),

@@ -23,7 +23,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from conftest import REPO_ROOT, BrokerProcess, RedisServer, StartBroker
-from helpers import eventually
+from helpers import eventually, fence_stream
 from sse_client import SSEClient, SSEEvent, SSEStream
 
 from broker.config import config_warnings, load_config
@@ -106,12 +106,6 @@ def triples(events: list[SSEEvent]) -> list[tuple[str, str, str]]:
     return [(e.type, e.data, e.last_event_id) for e in events]
 
 
-async def nothing_more(s: SSEStream, timeout: float = 0.3) -> None:
-    assert not s.pending, s.pending
-    with pytest.raises(TimeoutError):
-        await s.next_event(timeout=timeout)
-
-
 async def resets(broker: BrokerProcess, reason: str) -> float:
     return await broker.metric("sse_broker_resets_total", {"reason": reason}) or 0
 
@@ -124,6 +118,7 @@ async def xread_client_ids(redis: aioredis.Redis) -> set[int]:
 # -- delivery --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stream_entries_are_delivered_with_the_stream_id_as_event_id(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -137,7 +132,7 @@ async def test_stream_entries_are_delivered_with_the_stream_id_as_event_id(
         b = await xadd(redis_client, "news", "plain text")
         c = await xadd(redis_client, "news", "line 1\nline 2\r\nline 3\n\nline 5")
         got = await s.events(3)
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
     assert triples(got) == [
         ("updated", '{"id": 7,  "name": "x"}', a),  # data verbatim, not re-encoded
         ("message", "plain text", b),
@@ -149,6 +144,7 @@ async def test_stream_entries_are_delivered_with_the_stream_id_as_event_id(
     assert multi.encode() in s.raw
 
 
+@pytest.mark.slow
 async def test_rejected_stream_entries_are_counted_and_not_delivered(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -172,14 +168,15 @@ async def test_rejected_stream_entries_are_counted_and_not_delivered(
         good = await xadd(redis_client, "news", "still fine")
         event = await s.next_event()
         assert (event.data, event.last_event_id) == ("still fine", good)
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
     expected: dict[str, int] = {}
     for reason, *_ in bad:
         expected[reason] = expected.get(reason, 0) + 1
     for reason, count in expected.items():
         got = await broker.metric("sse_broker_events_rejected_total", {"reason": reason})
         assert got == count, reason
-    assert await broker.metric("sse_broker_events_ingested_total") == 1
+    # the good entry and the fence's marker
+    assert await broker.metric("sse_broker_events_ingested_total") == 2
     status, _ = await broker.get("/readyz")
     assert status == 200
 
@@ -187,6 +184,7 @@ async def test_rejected_stream_entries_are_counted_and_not_delivered(
 # -- resume ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_resume_after_a_restart_replays_the_missed_entries_from_the_stream(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -216,7 +214,7 @@ async def test_resume_after_a_restart_replays_the_missed_entries_from_the_stream
         missed = await s.events(3)
         live = await xadd(redis_client, "news", "live")
         after = await s.next_event()
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
     assert triples(missed) == [
         ("message", "m1", m1),
         ("updated", '{"n": 2}', m2),
@@ -227,6 +225,7 @@ async def test_resume_after_a_restart_replays_the_missed_entries_from_the_stream
     assert await resets(second, "expired") + await resets(second, "unknown_id") == 0
 
 
+@pytest.mark.slow
 async def test_resume_after_a_restart_on_an_emptied_stream_is_exact(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -250,9 +249,10 @@ async def test_resume_after_a_restart_on_an_emptied_stream_is_exact(
         assert (event.type, event.data, event.last_event_id) == ("message", "live", live), (
             f"expected the live event after an exact (empty) resume from {seen}, got {event}"
         )
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
 
 
+@pytest.mark.slow
 async def test_resume_on_another_instance_is_exact_and_ids_are_the_same_everywhere(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -277,12 +277,27 @@ async def test_resume_on_another_instance_is_exact_and_ids_are_the_same_everywhe
             missed = await resumed.events(2)
             n6 = await xadd(redis_client, "news", "n6")
             live = await resumed.next_event()
-            await nothing_more(resumed)
+            assert await fence_stream(redis_client, "news", resumed) == [[]]
     assert triples(missed) == [("message", "n4", n4), ("message", "n5", n5)]
     assert (live.data, live.last_event_id) == ("n6", n6)
     assert await resets(b, "unknown_id") + await resets(b, "expired") == 0
 
 
+def unread_bytes_at(broker: BrokerProcess) -> int:
+    """Bytes that reached ``broker``'s public port on established connections and that
+    it has not read yet (``ss`` Recv-Q; a connection not yet accepted counts too)."""
+    assert broker.url is not None
+    port = broker.url.rsplit(":", 1)[1]
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines())
+
+
+@pytest.mark.slow
 async def test_resume_on_a_lagging_instance_waits_until_it_caught_up(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -299,7 +314,8 @@ async def test_resume_on_a_lagging_instance_waits_until_it_caught_up(
             connecting = asyncio.create_task(
                 stack.enter_async_context(SSEClient.connect(b.events_url("news"), last_event_id=n2))
             )
-            await asyncio.sleep(0.2)
+            # the request is at B (in its socket, unread) before B runs again
+            await eventually(lambda: asyncio.sleep(0, unread_bytes_at(b)), lambda n: n > 0)
         finally:
             b.signal(signal.SIGCONT)
         resumed = await connecting
@@ -307,12 +323,13 @@ async def test_resume_on_a_lagging_instance_waits_until_it_caught_up(
         first = await resumed.next_event()
         n4 = await xadd(redis_client, "news", "n4")
         second = await resumed.next_event()
-        await nothing_more(resumed)
+        assert await fence_stream(redis_client, "news", resumed) == [[]]
     assert (first.type, first.data, first.last_event_id) == ("message", "n3", n3)
     assert (second.data, second.last_event_id) == ("n4", n4)
     assert await resets(b, "unknown_id") == 0
 
 
+@pytest.mark.slow
 async def test_resume_served_from_memory_needs_no_stream(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -335,17 +352,19 @@ async def test_resume_served_from_memory_needs_no_stream(
 
     async with stream(broker, "news", "sport", last_event_id=position) as s:
         missed = await s.events(3)
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
     assert triples(missed) == [("message", "n3", n3), ("goal", "s1", s1), ("message", "n4", n4)]
     assert await resets(broker, "expired") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trim", ["maxlen", "minid"])
 async def test_resume_older_than_the_stream_holds_resets_expired(
     start_broker: StartBroker, redis_client: aioredis.Redis, trim: str
 ) -> None:
-    # memory keeps the last 3 events; older resumes have to come from the stream
-    broker = await start_broker(STREAM_MODE, "replay.max_events=3")
+    # memory keeps the last 4 events (e3..e6, then e4..e6 and the first fence's
+    # marker e7); older resumes have to come from the stream
+    broker = await start_broker(STREAM_MODE, "replay.max_events=4")
     async with stream(broker, "news") as s:
         ids = [await xadd(redis_client, "news", f"e{i}", trim=False) for i in range(1, 7)]
         await s.events(6)
@@ -354,17 +373,20 @@ async def test_resume_older_than_the_stream_holds_resets_expired(
     # older than memory, but the stream still has everything: exact, from XRANGE
     async with stream(broker, "news", last_event_id=ids[0]) as s:
         assert [e.last_event_id for e in await s.events(5)] == ids[1:]
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
+        # the fence's marker is an entry of "news" like the others: e7
+        ids.append(s.parser.last_event_id)
 
-    # a publisher trims as it adds: e1..e3 leave the stream (memory holds e4..e6)
+    # a publisher trims as it adds: e1..e3 leave the stream (memory holds e4..e7)
     if trim == "maxlen":
-        await redis_client.xtrim(STREAM, maxlen=3, approximate=False)
+        await redis_client.xtrim(STREAM, maxlen=len(ids) - 3, approximate=False)
     else:
         await redis_client.xtrim(STREAM, minid=ids[3], approximate=False)
     assert [id.decode() for id, _ in await redis_client.xrange(STREAM)] == ids[3:]
     async with stream(broker, "news", last_event_id=ids[2]) as s:
-        assert [e.last_event_id for e in await s.events(3)] == ids[3:]
-        await nothing_more(s)
+        assert [e.last_event_id for e in await s.events(len(ids) - 3)] == ids[3:]
+        assert await fence_stream(redis_client, "news", s) == [[]]
+        head = s.parser.last_event_id  # this marker (e8)
 
     # e3 (and e2) are gone: a client at e2 or e1 cannot be served exactly
     for position in (ids[1], ids[0]):
@@ -377,8 +399,8 @@ async def test_resume_older_than_the_stream_holds_resets_expired(
             assert reset.json()["reason"] == "expired"
             assert reset.json()["refetch_after_ms"] >= 0
             assert reset.last_event_id == head
-            await nothing_more(s, 0.1)
             assert s.parser.last_event_id == head
+            assert await fence_stream(redis_client, "news", s) == [[]]
             live = await xadd(redis_client, "news", "after the reset", trim=False)
             event = await s.next_event()
             assert (event.data, event.last_event_id) == ("after the reset", live)
@@ -386,6 +408,7 @@ async def test_resume_older_than_the_stream_holds_resets_expired(
     assert await resets(broker, "expired") == 2
 
 
+@pytest.mark.slow
 async def test_resume_across_a_deleted_entry_resets_expired(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -401,7 +424,7 @@ async def test_resume_across_a_deleted_entry_resets_expired(
     # a client that had seen the deleted entry lost nothing
     async with stream(broker, "news", last_event_id=deleted) as s:
         assert triples(await s.events(1)) == [("message", "e3", kept)]
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
 
 
 @pytest.mark.parametrize("via", ["header", "query"])
@@ -431,6 +454,7 @@ async def test_unusable_resume_ids_reset_unknown_id_never_400(
 # -- Redis trouble -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stream_reader_reads_on_after_its_connection_is_killed(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -455,7 +479,7 @@ async def test_stream_reader_reads_on_after_its_connection_is_killed(
         )
         n4 = await xadd(redis_client, "news", "n4")
         got = await s.events(3)
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "news", s) == [[]]
     assert triples(got) == [
         ("message", "n2", n2.decode()),
         ("message", "n3", n3.decode()),
@@ -464,6 +488,7 @@ async def test_stream_reader_reads_on_after_its_connection_is_killed(
     assert await resets(broker, "outage") == 0
 
 
+@pytest.mark.slow
 async def test_stream_reader_reads_on_after_a_redis_restart(
     start_broker: StartBroker, redis_server: RedisServer, redis_client: aioredis.Redis
 ) -> None:
@@ -481,14 +506,17 @@ async def test_stream_reader_reads_on_after_a_redis_restart(
         await broker.wait_ready()
         n3 = await xadd(client, "news", "n3")
         got = await s.events(2)
-        await nothing_more(s)
+        assert await fence_stream(client, "news", s) == [[]]
+        marker = s.parser.last_event_id
     assert triples(got) == [("message", "n2", n2), ("message", "n3", n3)]
     assert await resets(broker, "outage") == 0
     assert (await broker.metric("sse_broker_redis_reconnects_total") or 0) >= 1
     # and a client that left before the outage resumes across it exactly
     async with stream(broker, "news", last_event_id=n1) as r:
         assert [e.last_event_id for e in await r.events(2)] == [n2, n3]
-        await nothing_more(r)
+        # the first fence's marker, published after n3, is one of the missed events too
+        [missed] = (await fence_stream(client, "news", r))[0]
+        assert missed.last_event_id == marker
 
 
 # -- retained state ----------------------------------------------------------------
@@ -510,6 +538,7 @@ async def wait_retained(redis: aioredis.Redis, channel: str, expected: dict[str,
     await eventually(lambda: retained_hash(redis, channel), holds)
 
 
+@pytest.mark.slow
 async def test_fresh_stream_gets_the_latest_retained_value_per_key_then_the_head(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -538,7 +567,7 @@ async def test_fresh_stream_gets_the_latest_retained_value_per_key_then_the_head
     # a client resuming exactly gets what it missed (the deletion too), not the snapshot
     async with stream(broker, "state", last_event_id=k1) as s:
         got = await s.events(3)
-        await nothing_more(s)
+        assert await fence_stream(redis_client, "state", s) == [[]]
     assert triples(got) == [
         ("message", "v3", k3),
         ("message", "null", gone),
@@ -546,6 +575,7 @@ async def test_fresh_stream_gets_the_latest_retained_value_per_key_then_the_head
     ]
 
 
+@pytest.mark.slow
 async def test_retained_state_survives_restarts_and_trimming(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -571,6 +601,7 @@ async def test_retained_state_survives_restarts_and_trimming(
         assert triples(s.pending) == expected
 
 
+@pytest.mark.slow
 async def test_retained_state_is_written_with_compare_and_set_on_the_stream_id(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -599,6 +630,7 @@ async def test_retained_state_is_written_with_compare_and_set_on_the_stream_id(
         assert triples(s.pending) == [("message", "new", new)]
 
 
+@pytest.mark.slow
 async def test_two_instances_converge_on_the_same_retained_state(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:
@@ -643,6 +675,7 @@ async def test_two_instances_converge_on_the_same_retained_state(
             assert triples(s.pending) == expected
 
 
+@pytest.mark.slow
 async def test_tenant_retained_state_is_not_served_to_anonymous_streams(
     start_broker: StartBroker, redis_client: aioredis.Redis
 ) -> None:

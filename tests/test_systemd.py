@@ -156,6 +156,20 @@ async def open_stream(url: str, **kwargs: str) -> AsyncIterator[SSEStream]:
         yield s
 
 
+async def nothing_else_notified(
+    notify: NotifySocket, broker: BrokerProcess, log_text: str, count: int, pets: int = 1
+) -> None:
+    """A fence for what the broker must not have notified (READY=1 while Redis is down):
+    wait until its log shows ``log_text`` ``count`` times (e.g. that many failed
+    subscribe attempts), then for ``pets`` more WATCHDOG=1. Datagrams from one process
+    arrive in the order it sent them, so whatever it notified while getting that far
+    is in ``notify.messages`` by then."""
+    await eventually(
+        lambda: asyncio.sleep(0, broker.log_text().count(log_text)), lambda n: n >= count
+    )
+    await notify.wait("WATCHDOG", "1", count=len(notify.with_field("WATCHDOG", "1")) + pets)
+
+
 def keys_in_order(notify: NotifySocket) -> list[str]:
     """READY/STOPPING/WATCHDOG as they arrived (other fields left out)."""
     return [
@@ -169,6 +183,7 @@ def keys_in_order(notify: NotifySocket) -> list[str]:
 # -- notify ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_notify_ready_after_subscription_watchdog_and_stopping_before_exit(
     start_broker: StartBroker, redis_server: RedisServer, short_dir: Path
 ) -> None:
@@ -183,7 +198,8 @@ async def test_notify_ready_after_subscription_watchdog_and_stopping_before_exit
             },
             wait_ready=False,  # listening (healthz answers) but Redis is down
         )
-        await asyncio.sleep(1.5)
+        # five subscribe attempts failed (~1 s of backoff), and a pet after them
+        await nothing_else_notified(notify, broker, "subscribe failed", 5)
         assert not notify.with_field("READY"), "READY=1 before the Redis subscription"
         # The watchdog does not wait for Redis: the loop is alive and says so.
         assert len(notify.with_field("WATCHDOG", "1")) >= 2, notify.messages
@@ -219,6 +235,7 @@ async def test_notify_ready_after_subscription_watchdog_and_stopping_before_exit
         assert {m.pid for m in notify.messages} == {broker.pid}
 
 
+@pytest.mark.slow
 async def test_notify_abstract_socket_and_watchdog_pid_of_another_process(
     start_broker: StartBroker,
 ) -> None:
@@ -238,6 +255,7 @@ async def test_notify_abstract_socket_and_watchdog_pid_of_another_process(
         await notify.wait("STOPPING", "1", timeout=2)
 
 
+@pytest.mark.slow
 async def test_notify_with_workers_only_the_supervisor_speaks(
     start_broker: StartBroker, redis_server: RedisServer, short_dir: Path
 ) -> None:
@@ -256,7 +274,10 @@ async def test_notify_with_workers_only_the_supervisor_speaks(
         workers = await eventually(
             lambda: asyncio.sleep(0, children(supervisor.pid)), lambda c: len(c) == 2
         )
-        await asyncio.sleep(1.0)
+        # The workers failed to subscribe ten times between them (their log is shared),
+        # then the supervisor pet twice (1 s, ten of its polls of the workers' /readyz):
+        # a worker ready by then, and the READY=1 the supervisor would send for it, is in.
+        await nothing_else_notified(notify, supervisor, "subscribe failed", 10, pets=2)
         assert not notify.with_field("READY"), "READY=1 while no worker is subscribed"
         status, body = await supervisor.get("/readyz")
         assert status == 503 and "workers_not_ready" in body, body
@@ -409,6 +430,17 @@ async def first_event_of_new_client(url: str, registered: asyncio.Event) -> SSEE
         registered.set()
 
 
+def accept_queue(listener: socket.socket) -> int:
+    """Connections the kernel completed on ``listener`` that nobody accepted yet
+    (the Recv-Q ``ss`` shows for a listening socket)."""
+    port = listener.getsockname()[1]
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(int(line.split()[1]) for line in out.splitlines())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_socket_activation_restart_refuses_no_connection(
     workers: int, spawn_activated: SpawnActivated, redis_client, http: aiohttp.ClientSession
@@ -434,7 +466,9 @@ async def test_socket_activation_restart_refuses_no_connection(
         registered = [asyncio.Event() for _ in range(5)]
         waiting = [asyncio.create_task(first_event_of_new_client(url, r)) for r in registered]
         try:
-            await asyncio.sleep(1.0)
+            # The fence: all five handshakes completed and wait in the accept queue. A
+            # refused or reset client never gets there; one there waits for an accept.
+            await eventually(lambda: asyncio.sleep(0, accept_queue(listener)), lambda n: n >= 5)
             for task in waiting:
                 assert not task.done(), task  # not refused, not reset: waiting
             with socket.create_connection(listener.getsockname(), timeout=1):
@@ -459,6 +493,7 @@ async def test_socket_activation_restart_refuses_no_connection(
         listener.close()
 
 
+@pytest.mark.slow
 async def test_activated_broker_with_redis_down_answers_retryable_not_ready(
     spawn_activated: SpawnActivated, redis_server: RedisServer, redis_client
 ) -> None:

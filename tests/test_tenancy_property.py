@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import jwt
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from conftest import BrokerProcess, StartBroker
 from hypothesis import HealthCheck, event, given, settings
@@ -291,6 +292,7 @@ async def refused_403(
     assert named in ungranted, (ident, body)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=50,
     deadline=None,

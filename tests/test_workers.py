@@ -54,12 +54,14 @@ def workers_of(supervisor: BrokerProcess) -> list[Worker]:
     children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
     try:
         pids = [int(p) for p in children.read_text().split()]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the supervisor itself is gone
         return []
     for pid in pids:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
+            # the worker exited (or was just killed) since the children were listed:
+            # /proc/<pid> is gone, or still there with its environ unreadable (ESRCH)
             continue
         for item in environ:
             if item.startswith(b"SSE_BROKER_WORKER="):
@@ -150,6 +152,7 @@ def short_dir() -> Iterator[Path]:
 # -- tests -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_two_workers_share_streams_publish_disconnect_and_drain(
     start_broker: StartBroker, redis_client, http: aiohttp.ClientSession
 ) -> None:
@@ -241,6 +244,7 @@ async def test_two_workers_share_streams_publish_disconnect_and_drain(
     assert "all workers stopped (exit codes [0, 0])" in log, log[-2000:]
 
 
+@pytest.mark.slow
 async def test_readyz_needs_every_worker_and_a_killed_worker_is_restarted(
     start_broker: StartBroker, redis_client
 ) -> None:
@@ -277,12 +281,19 @@ async def test_readyz_needs_every_worker_and_a_killed_worker_is_restarted(
         assert {e.data for e in await next_events(streams)} == {"after the restart"}
 
 
+@pytest.mark.slow
 async def test_sighup_is_forwarded_to_every_worker(start_broker: StartBroker, redis_client) -> None:
     supervisor = await start_broker("server.workers=2", config_text='[log]\nlevel = "info"\n')
-    await two_workers(supervisor)
+    workers = await two_workers(supervisor)
     unmatched = "matches no open stream"
+    ingested = "sse_broker_events_ingested_total"
+    before = [await worker_metric(w, ingested) for w in workers]
     await publish(redis_client, "nobody-before", "x")
-    await asyncio.sleep(0.3)
+    # The fence: each worker counted the event. It counts and notes an unmatched
+    # channel in one step, logging to its stderr synchronously, so a line it would
+    # have written (at debug level) is in the log by the time its /metrics answers.
+    for worker, count in zip(workers, before, strict=True):
+        await eventually(lambda w=worker: worker_metric(w, ingested), lambda n, c=count: n > c)
     assert unmatched not in full_log(supervisor)
 
     supervisor.write_config('[log]\nlevel = "debug"\n')
@@ -297,6 +308,7 @@ async def test_sighup_is_forwarded_to_every_worker(start_broker: StartBroker, re
     assert status == 200  # the reload dropped nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_unix_socket_listener(
     workers: int, start_broker: StartBroker, redis_client, short_dir: Path

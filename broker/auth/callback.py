@@ -20,7 +20,7 @@ from broker.auth.backend import AppAuth
 from broker.auth.grants import Grants, expand
 from broker.config import Config
 from broker.errors import Forbidden, Retryable, Unauthorized
-from broker.ids import InvalidId, as_id
+from broker.ids import as_id
 from broker.metrics import Metrics, Stats
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,13 @@ def forwarded_headers(creds: Credentials) -> dict[str, str]:
 def _id(value: Any, field: str) -> str | None:
     if value is None or value == "":
         return None
-    try:
-        return as_id(value)
-    except InvalidId as exc:
+
+    def refuse(why: str) -> Retryable:
         # The app's answer is broken, not the client: fail closed, retryable.
-        log.warning("auth callback answered a bad %r: %s", field, exc)
-        raise unavailable(f"auth callback answered a bad {field!r}") from None
+        log.warning("auth callback answered a bad %r: %s", field, why)
+        return unavailable(f"auth callback answered a bad {field!r}")
+
+    return as_id(value, refuse)
 
 
 class CallbackAuth(AppAuth[Identity]):

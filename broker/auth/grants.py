@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from broker.errors import Forbidden
 
-# Public patterns never open private or presence channels, whatever they say.
-_PROTECTED = ("private-", "presence-")
+# Private and presence channels (Laravel's prefixes): public patterns never
+# open them, whatever they say; in laravel mode the app is asked about each.
+PROTECTED = ("private-", "presence-")
 
 # fnmatch treats these as syntax; inside brackets each one is a literal.
 _GLOB_ESCAPES = str.maketrans({"*": "[*]", "?": "[?]", "[": "[[]"})
@@ -102,4 +103,4 @@ NO_GRANTS = Grants.compile(())
 
 def public_allows(public: Grants, channel: str) -> bool:
     """Whether ``channel`` is open to anyone: never for ``private-*`` / ``presence-*``."""
-    return not channel.startswith(_PROTECTED) and public.allows(channel)
+    return not channel.startswith(PROTECTED) and public.allows(channel)

@@ -29,13 +29,17 @@ from broker.auth import ANONYMOUS, Credentials, Identity
 from broker.auth.grants import Grants, expand
 from broker.config import Config, JwtConfig, read_config_file
 from broker.errors import ConfigError, Unauthorized
-from broker.ids import InvalidId, as_id
-from broker.keyfiles import PublicKey, parse_public_keys, parse_secrets
+from broker.ids import as_id
+from broker.keyfiles import (
+    ED_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    RSA_ALGORITHMS,
+    PublicKey,
+    parse_public_keys,
+    parse_secrets,
+)
 
-HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
-RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-EC_ALGS = frozenset({"ES256", "ES384", "ES512"})
-ED_ALGS = frozenset({"EdDSA"})
+_HMAC = frozenset(HMAC_ALGORITHMS)  # the set operations below read better on a set
 MAX_EXP = 1 << 40  # year 36812: later "expiries" are garbage, not tokens
 
 # PyJWT checks an EC key's curve against the token's alg and raises
@@ -67,7 +71,7 @@ def _public_algorithms(entry: PublicKey, path: str) -> frozenset[str]:
     key = entry.key
     where = f"auth.jwt.public_key_file: {path} line {entry.line}"
     if isinstance(key, rsa.RSAPublicKey):
-        return RSA_ALGS
+        return frozenset(RSA_ALGORITHMS)
     if isinstance(key, ec.EllipticCurvePublicKey):
         algs = _EC_CURVE_ALGS.get(key.curve.name)
         if algs is None:
@@ -77,7 +81,7 @@ def _public_algorithms(entry: PublicKey, path: str) -> frozenset[str]:
             )
         return algs
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return ED_ALGS
+        return frozenset(ED_ALGORITHMS)
     raise ConfigError(f"{where}: unsupported key type {type(key).__name__}")
 
 
@@ -101,19 +105,19 @@ def load_keys(cfg: JwtConfig) -> list[Key]:
     allowed = frozenset(cfg.algorithms)
     keys: list[Key] = []
     if cfg.secret:
-        keys.append(Key(HMAC_ALGS & allowed, _hmac_secret("auth.jwt.secret", cfg.secret)))
+        keys.append(Key(_HMAC & allowed, _hmac_secret("auth.jwt.secret", cfg.secret)))
     if cfg.secret_file:
         name, path = "auth.jwt.secret_file", cfg.secret_file
         for entry in parse_secrets(name, path, read_config_file(name, path)):
             secret = _hmac_secret(f"{name}: {path} line {entry.line}", entry.secret)
-            keys.append(Key(HMAC_ALGS & allowed, secret, entry.kid))
+            keys.append(Key(_HMAC & allowed, secret, entry.kid))
     if cfg.public_key_file:
         name, path = "auth.jwt.public_key_file", cfg.public_key_file
         for pub in parse_public_keys(name, path, read_config_file(name, path)):
             keys.append(Key(_public_algorithms(pub, path) & allowed, pub.key, pub.kid))
-        if not any(k.algorithms - HMAC_ALGS for k in keys):
+        if not any(k.algorithms - _HMAC for k in keys):
             raise ConfigError(
-                f"auth.jwt.public_key_file: no public key for {sorted(allowed - HMAC_ALGS)} "
+                f"auth.jwt.public_key_file: no public key for {sorted(allowed - _HMAC)} "
                 f"in {cfg.public_key_file}"
             )
     keys = [k for k in keys if k.algorithms]
@@ -128,10 +132,9 @@ def load_keys(cfg: JwtConfig) -> list[Key]:
 def _claim_id(claims: dict[str, Any], name: str) -> str | None:
     if not name or claims.get(name) is None:
         return None
-    try:
-        return as_id(claims[name])
-    except InvalidId as exc:
-        raise Unauthorized(f"token claim {name!r}: {exc}", code="bad_claims") from None
+    return as_id(
+        claims[name], lambda why: Unauthorized(f"token claim {name!r}: {why}", code="bad_claims")
+    )
 
 
 class JwtAuth:
@@ -241,11 +244,11 @@ class JwtAuth:
 
 def mint(cfg: Config, *, user: str, tenant: str | None, channels: list[str], ttl: int) -> str:
     """A development token signed with the configured HMAC secret (``sse-broker token``)."""
-    secrets = [k for k in load_keys(cfg.auth.jwt) if k.algorithms & HMAC_ALGS]
+    secrets = [k for k in load_keys(cfg.auth.jwt) if k.algorithms & _HMAC]
     if not secrets:
         raise ConfigError("sse-broker token needs auth.jwt.secret or secret_file (an HS* key)")
     key = secrets[0]
-    alg = next(a for a in cfg.auth.jwt.algorithms if a in HMAC_ALGS)
+    alg = next(a for a in cfg.auth.jwt.algorithms if a in _HMAC)
     c = cfg.auth.jwt
     now = int(time.time())
     claims: dict[str, Any] = {c.user_claim: user, "iat": now, "exp": now + ttl}

@@ -29,15 +29,14 @@ import orjson
 from broker.auth import Credentials, Identity
 from broker.auth.backend import AppAuth
 from broker.auth.callback import forwarded_headers, unavailable
-from broker.auth.grants import Grants, escape_glob
+from broker.auth.grants import PROTECTED, Grants, escape_glob
 from broker.config import Config
 from broker.errors import BadRequest, Forbidden, Unauthorized
-from broker.ids import InvalidId, as_id
+from broker.ids import as_id
 from broker.metrics import Metrics, Stats
 
 log = logging.getLogger(__name__)
 
-PROTECTED = ("private-", "presence-")
 DENY = frozenset({401, 403, 419})
 
 
@@ -78,10 +77,7 @@ def _answer_user(body: bytes, presence: bool) -> str:
             raise NotAnAuthAnswer("'channel_data' is a string but not JSON") from None
     if not isinstance(data, dict):
         raise NotAnAuthAnswer("'channel_data' is not an object")
-    try:
-        return as_id(data.get("user_id"))
-    except InvalidId as exc:
-        raise NotAnAuthAnswer(f"'channel_data.user_id': {exc}") from None
+    return as_id(data.get("user_id"), lambda why: NotAnAuthAnswer(f"'channel_data.user_id': {why}"))
 
 
 class LaravelAuth(AppAuth[str]):

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import cast
 
 import hiredis
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker.ingest import CANARY_PREFIX, Backoff, Context, Sink
+from broker.positions import SequenceIds
 from broker.redis_conn import RedisTarget
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,21 @@ class RedisReplyError(Exception):
 
 
 class _Subscriber(asyncio.Protocol):
-    def __init__(self, prefix_len: int, on_message: Callable[[str, bytes], None]) -> None:
+    def __init__(
+        self,
+        prefix_len: int,
+        on_message: Callable[[str, bytes], None],
+        on_canary: Callable[[str, bytes], None],
+        on_subscribed: Callable[[], None],
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader()
         self._prefix_len = prefix_len
         self._names: dict[bytes, str] = {}
         self._paused = False
         self._on_message = on_message
+        self._on_canary = on_canary
+        self._on_subscribed = on_subscribed
         self.transport: asyncio.Transport | None = None
         self.subscribed: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[Exception | None] = loop.create_future()
@@ -94,6 +104,10 @@ class _Subscriber(asyncio.Protocol):
                 channel = names.get(raw)
                 if channel is None:
                     channel = self._name(raw)
+                    if channel.startswith(CANARY_PREFIX):
+                        # Never cached, so looked at only here, off the hot path.
+                        self._on_canary(channel, reply[3])
+                        continue
                 on_message(channel, reply[3])
             else:
                 self._control(reply)
@@ -104,9 +118,12 @@ class _Subscriber(asyncio.Protocol):
 
     def _name(self, raw: bytes) -> str:
         # Channel names repeat: decode each once (bounded, in case they do not).
+        name = raw[self._prefix_len :].decode("utf-8", "replace")
+        if name.startswith(CANARY_PREFIX):
+            return name
         if len(self._names) >= MAX_CACHED_NAMES:
             self._names.clear()
-        name = self._names[raw] = raw[self._prefix_len :].decode("utf-8", "replace")
+        self._names[raw] = name
         return name
 
     def _control(self, reply: object) -> None:
@@ -125,6 +142,9 @@ class _Subscriber(asyncio.Protocol):
             and not self.subscribed.done()
         ):
             self.subscribed.set_result(None)
+            # Told here, before the messages that followed the confirmation
+            # in the same read are handed on: they come after the gap.
+            self._on_subscribed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.subscribed.done():
@@ -138,37 +158,47 @@ class _Subscriber(asyncio.Protocol):
 class PubSubIngest:
     """Keeps one PSUBSCRIBE alive forever, reconnecting with capped, jittered backoff.
 
-    ``on_state(True)`` is called each time the subscription is (re)established
-    and ``on_state(False)`` each time it is lost; between a loss and the next
-    subscription, anything published is gone for this process.
+    The sink hears ``connected(True)`` each time the subscription is
+    (re)established and ``connected(False)`` each time it is lost; between a
+    loss and the next subscription, anything published is gone for this
+    process, so a resubscription reports a gap on every channel.
+
+    Liveness: a canary on a channel of this process's own (``!canary!<epoch>``,
+    outside the channel charset) is published each check and must come back
+    before the next; a subscription can wedge silently while Redis answers.
     """
+
+    stream_key = None
 
     def __init__(
         self,
         target: RedisTarget,
         prefix: str,
-        on_message: Callable[[str, bytes], None],
-        on_state: Callable[[bool], None],
+        epoch: str,
+        commands: Callable[[], aioredis.Redis],
         *,
         connect_timeout: float = 5.0,
-        backoff_min: float = 0.1,
-        backoff_max: float = 5.0,
     ) -> None:
         self.target = target
         self.prefix = prefix
-        self._on_message = on_message
-        self._on_state = on_state
+        self.scheme = SequenceIds(epoch)
+        self.canary_channel = f"{CANARY_PREFIX}{epoch}"
+        self._commands = commands
         self._connect_timeout = connect_timeout
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
+        self._canary_pending: str | None = None
+        self._canary_count = 0
+        self._sink: Sink | None = None
+        self._held = False  # a subscription existed before (across rebuilds too)
         self.subscribed = False
 
-    async def _connect(self) -> _Subscriber:
+    async def _connect(self, sink: Sink) -> _Subscriber:
         loop = asyncio.get_running_loop()
         prefix_len = len(self.prefix.encode())
 
         def factory() -> _Subscriber:
-            return _Subscriber(prefix_len, self._on_message)
+            return _Subscriber(
+                prefix_len, sink.message, self._canary_arrived, lambda: self._subscribed(sink)
+            )
 
         t = self.target
         if t.path:
@@ -199,34 +229,82 @@ class PubSubIngest:
             raise
         return proto
 
-    async def run(self) -> None:
+    async def run(self, sink: Sink) -> None:
         """Subscribe, and resubscribe after every failure, until cancelled."""
-        backoff = self._backoff_min
+        self._sink = sink
+        backoff = Backoff()
         while True:
+            proto: _Subscriber | None = None
             try:
-                proto = await asyncio.wait_for(self._connect(), self._connect_timeout)
+                proto = await asyncio.wait_for(self._connect(sink), self._connect_timeout)
+                backoff.reset()
+                log.info("subscribed to %s on %s", pattern_for(self.prefix), self.target.describe())
+                reason = await proto.lost
+                log.warning("redis %s: subscription lost (%s)", self.target.describe(), reason)
             except (OSError, TimeoutError, RedisReplyError, RedisError) as exc:
                 # RedisError: e.g. Sentinel knowing no master for a moment mid-failover.
                 log.warning(
                     "redis %s: subscribe failed (%s); retrying in about %.1fs",
                     self.target.describe(),
                     str(exc) or type(exc).__name__,
-                    backoff,
+                    backoff.current,
                 )
             except Exception:  # the ingest must outlive any surprise: log it, retry
                 log.exception("redis %s: subscribe failed unexpectedly", self.target.describe())
-            else:
-                self.subscribed = True
-                backoff = self._backoff_min
-                log.info("subscribed to %s on %s", pattern_for(self.prefix), self.target.describe())
-                self._on_state(True)
-                try:
-                    reason = await proto.lost
-                finally:
+            finally:
+                if proto is not None and proto.transport is not None:
+                    proto.transport.close()
+                if self.subscribed:
                     self.subscribed = False
-                    if proto.transport is not None:
-                        proto.transport.close()
-                    self._on_state(False)
-                log.warning("redis %s: subscription lost (%s)", self.target.describe(), reason)
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, self._backoff_max)
+                    self._canary_pending = None
+                    sink.connected(False)
+            await backoff.wait()
+
+    def _subscribed(self, sink: Sink) -> None:
+        self.subscribed = True
+        sink.connected(True)
+        if self._held:  # a new subscription: what was published meanwhile is gone
+            sink.gap("outage")
+        self._held = True
+
+    # -- liveness -------------------------------------------------------------------
+
+    async def check(self, sink: Sink) -> None:
+        if not self.subscribed:
+            return
+        if self._canary_pending is not None:  # the last canary never came back
+            self._canary_pending = None
+            sink.stalled("the canary published one interval ago never came back")
+            return
+        self._canary_count += 1
+        self._canary_pending = token = str(self._canary_count)
+        try:
+            receivers = await self._commands().publish(self.prefix + self.canary_channel, token)
+        except (RedisError, OSError):
+            self._canary_pending = None  # Redis itself is away: the subscription will notice
+            return
+        if receivers == 0 and self._canary_pending == token:
+            self._canary_pending = None
+            sink.stalled("Redis knows no subscription of this broker")
+
+    def _canary_arrived(self, channel: str, payload: bytes) -> None:
+        if channel != self.canary_channel:
+            return  # another broker's canary
+        if payload.decode(errors="replace") == self._canary_pending:
+            self._canary_pending = None
+            if self._sink is not None:
+                self._sink.moving()
+
+    # Every channel is read (one pattern): nothing to do per channel.
+    async def subscribe(self, channels: Collection[str]) -> None:
+        return None
+
+    def release(self, channel: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def build(context: Context) -> PubSubIngest:
+    return PubSubIngest(context.target, context.cfg.ingest.prefix, context.epoch, context.commands)

@@ -7,78 +7,54 @@ on from the last id it handled: an outage leaves no hole.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Collection
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from broker.ids import split_event_id
+from broker.ingest import Backoff, Context, Sink
+from broker.positions import Entry, StreamIds, previous_id, stream_seq
+from broker.redis_conn import RedisTarget
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[bytes, dict[bytes, bytes]]  # (stream id, fields) as redis-py returns them
 
 BATCH = 1000
 BLOCK_MS = 1000
 
 
-MAX_SEQ = (1 << 64) - 1
-
-
-def previous_id(id: str) -> str:
-    """The greatest possible stream id before ``id`` (a valid resume position)."""
-    ms, _, seq = id.partition("-")
-    if int(seq):
-        return f"{ms}-{int(seq) - 1}"
-    return f"{int(ms) - 1}-{MAX_SEQ}" if int(ms) else "0-0"
-
-
-def stream_seq(id: str) -> int | None:
-    """A stream id as one order-preserving int (``ms << 64 | seq``); None when malformed."""
-    parts = split_event_id(id)
-    if parts is None:
-        return None
-    return (parts[0] << 64) | parts[1]
-
-
 class StreamIngest:
-    """Reads ``stream_key`` with XREAD forever, handing each entry to ``on_entry``.
+    """Reads ``stream_key`` with XREAD forever, reporting each entry to the sink.
 
-    ``on_start(last_id)`` is called once with the stream's last id before the
-    first read (the instance's history starts there); ``after_batch`` is
-    awaited after each batch (retained-state writes); ``on_gap(id)`` reports
-    that entries up to ``id`` were trimmed before this reader got them.
+    Before the first read the sink hears ``started(last id)`` (this
+    instance's history starts there); ``settle()`` after each batch; and
+    ``gap("expired", upto=id)`` when entries up to ``id`` were trimmed
+    before this reader got them.
+
+    Liveness: each check asks Redis (on a client of its own, without
+    redis-py's silent retries) whether the stream moved past a reader that
+    did not; a dead Redis shows there within one interval, while the blocked
+    reader may ride a short outage out on its retries without a hole.
     """
 
-    def __init__(
-        self,
-        client: Callable[[], aioredis.Redis],
-        stream_key: str,
-        on_entry: Callable[[str, dict[bytes, bytes]], None],
-        on_start: Callable[[str], None],
-        after_batch: Callable[[], Awaitable[None]],
-        on_state: Callable[[bool], None],
-        on_gap: Callable[[str], None],
-        *,
-        backoff_min: float = 0.1,
-        backoff_max: float = 5.0,
-    ) -> None:
-        self._client = client
+    def __init__(self, target: RedisTarget, stream_key: str) -> None:
+        self.target = target
         self.stream_key = stream_key
-        self._on_entry = on_entry
-        self._on_start = on_start
-        self._after_batch = after_batch
-        self._on_state = on_state
-        self._on_gap = on_gap
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
+        self.scheme = StreamIds()
         self.position: str | None = None
         self.subscribed = False
         self._added_at_start = 0  # the stream's entries-added when position was set
         self._read_count = 0  # entries read since then
+        self._probe: aioredis.Redis | None = None
+        self._checked = -1  # the position the last check saw
+
+    def _client(self) -> aioredis.Redis:
+        # No silent retries: a dead connection must surface at once, so
+        # readiness tells the truth and the reader reconnects itself.
+        return self.target.client(socket_keepalive=True)
 
     async def _start_position(self, client: aioredis.Redis) -> str:
         # The last id ever generated, not the last entry: a stream trimmed to
@@ -91,7 +67,7 @@ class StreamIngest:
         self._added_at_start = int(info.get("entries-added", 0))
         return bytes(info["last-generated-id"]).decode()
 
-    async def _read(self, client: aioredis.Redis) -> list[Entry]:
+    async def _read(self, client: aioredis.Redis, sink: Sink) -> list[Entry]:
         """The next batch after ``position``; reports entries trimmed before we read them.
 
         Trimming removes the oldest entries first, so while any entry at or
@@ -116,7 +92,7 @@ class StreamIngest:
                 self.stream_key,
                 pos,
             )
-            self._on_gap(gap)
+            sink.gap("expired", upto=gap)
         self._read_count += len(entries)
         return entries
 
@@ -130,21 +106,21 @@ class StreamIngest:
             return True
         return int(added) - self._added_at_start - self._read_count - int(info["length"]) > 0
 
-    async def run(self) -> None:
-        backoff = self._backoff_min
+    async def run(self, sink: Sink) -> None:
+        backoff = Backoff()
         while True:
             client = self._client()
             try:
                 if self.position is None:
                     self.position = await self._start_position(client)
-                    self._on_start(self.position)
+                    sink.started(self.position)
                 await client.ping()  # connected means a round trip worked, not a client object
                 self.subscribed = True
-                self._on_state(True)
+                sink.connected(True)
                 log.info("reading stream %s from %s", self.stream_key, self.position)
-                backoff = self._backoff_min
+                backoff.reset()
                 while True:
-                    entries = await self._read(client)
+                    entries = await self._read(client, sink)
                     if not entries:
                         # Wait for news; the next _read fetches it.
                         _ = await client.xread(
@@ -153,19 +129,62 @@ class StreamIngest:
                         continue
                     for raw_id, fields in entries:
                         self.position = raw_id.decode()
-                        self._on_entry(self.position, fields)
-                    await self._after_batch()
+                        sink.entry(self.position, fields)
+                    await sink.settle()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning(
                     "redis stream %s: read failed (%s); retrying in about %.1fs",
                     self.stream_key,
                     exc,
-                    backoff,
+                    backoff.current,
                 )
             finally:
                 if self.subscribed:
                     self.subscribed = False
-                    self._on_state(False)
+                    self._checked = -1  # progress is judged afresh after the outage
+                    sink.connected(False)
                 await client.aclose()
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, self._backoff_max)
+            await backoff.wait()
+
+    # -- liveness -------------------------------------------------------------------
+
+    async def check(self, sink: Sink) -> None:
+        if not self.subscribed:
+            return
+        if self._probe is None:
+            self._probe = self.target.client(
+                retry=Retry(NoBackoff(), 0), socket_timeout=2.0, socket_connect_timeout=1.0
+            )
+        try:
+            info = await self._probe.xinfo_stream(self.stream_key)
+        except ResponseError:
+            info = None  # Redis answers; there is just no stream (yet)
+        except (RedisError, OSError, TimeoutError) as exc:
+            sink.reachable(False, str(exc))
+            return
+        sink.reachable(True)
+        if info is None or self.position is None:
+            return
+        last = stream_seq(bytes(info["last-generated-id"]).decode()) or 0
+        position = stream_seq(self.position) or 0
+        if last > position and position == self._checked:
+            sink.stalled(f"stream reader stuck at {self.position} while the stream moved on")
+        elif position != self._checked:
+            sink.moving()
+        self._checked = position
+
+    # Every channel is in the one stream: nothing to do per channel.
+    async def subscribe(self, channels: Collection[str]) -> None:
+        return None
+
+    def release(self, channel: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            await self._probe.aclose()
+            self._probe = None
+
+
+def build(context: Context) -> StreamIngest:
+    return StreamIngest(context.target, context.cfg.ingest.stream_key)

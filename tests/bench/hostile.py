@@ -22,28 +22,29 @@ in the brokers' logs (must be 0), each broker's RSS after the warm-up, every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import procs
 from procs import BenchError
+from report import Figure, print_grid
+from scenarios.base import Result, Scenario
+from settings import Settings
+from targets import Context, Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the test module
 
 import test_hostile_requests as fuzzing
 
-if TYPE_CHECKING:
-    from run import Context
-
 BATCH = 50
 IN_FLIGHT = 16
 
 
-def _target(name: str, server: procs.Server) -> fuzzing.Target:
+def _target(name: str, server: Server) -> fuzzing.Target:
     admin_port = int(server.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
     auth = "callback" if name == "callback" else "jwt"
     return fuzzing.Target(
@@ -71,16 +72,18 @@ def group(failures: list[str]) -> dict[str, tuple[int, str]]:
     return groups
 
 
-def hostile(ctx: Context, kind: str) -> dict[str, Any]:
+def hostile(ctx: Context, kind: str) -> Result:
     """Send ``hostile_requests`` generated requests; collect what broke."""
     s = ctx.settings
     for i in range(3):  # stream ids from real times
         ctx.redis.client.xadd(fuzzing.STREAM_KEY, {"channel": "pub.warm", "data": str(i)})
-    servers = [
-        ctx.server("broker", f"hostile-{mode}", fuzzing.broker_settings(mode))
-        for mode in fuzzing.MODES
-    ]
-    try:
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                ctx.started(kind, f"hostile-{mode}", fuzzing.broker_settings(mode))
+            ).server
+            for mode in fuzzing.MODES
+        ]
         targets = [
             _target(mode, server) for mode, server in zip(fuzzing.MODES, servers, strict=True)
         ]
@@ -147,14 +150,9 @@ def hostile(ctx: Context, kind: str) -> dict[str, Any]:
             "slowest": [f"{sec * 1000:.0f} ms: {text}" for sec, text in stats.slowest],
             "targets": per_target,
         }
-    finally:
-        for server in servers:
-            server.stop()
 
 
-def print_hostile(
-    r: dict[str, Any], print_grid: Callable[[tuple[str, ...], list[tuple[str, ...]]], None]
-) -> None:
+def print_hostile(r: Result, s: Settings) -> None:
     names = list(r["targets"])
     rows: list[tuple[str, ...]] = []
 
@@ -207,3 +205,40 @@ def print_hostile(
     print("  " + "  ".join(f"{n}: {'/'.join(map(str, rss))}" for n, *rss in r["rss_timeline"]))
     for key, (count, example) in r["broken_by_kind"].items():
         print(f"  {count:5d} x {key}\n        e.g. " + example.replace("\n", "\n        ")[:1500])
+
+
+def figures(r: Result, s: Settings) -> list[Figure]:
+    lat = r["latency_ms"]
+    out: list[Figure] = [
+        ("requests/s sending and reading", "higher", r["requests_per_s"]),
+        ("requests/s with the checks", "higher", r["requests_per_s_wall"]),
+        ("time per request p50 ms", "lower", lat[0.5]),
+        ("time per request p99 ms", "lower", lat[0.99]),
+        ("time per request max ms", "lower", lat[1.0]),
+        ("broken rules", "lower", r["broken_rules"]),
+    ]
+    for name in fuzzing.MODES:
+        t = r["targets"].get(name, {})
+        out += [
+            (f"{name}: tracebacks in the log", "lower", t.get("tracebacks")),
+            (f"{name}: ERROR lines in the log", "lower", t.get("error_lines")),
+            (f"{name}: connections at the end", "lower", t.get("connections_end")),
+            (f"{name}: RSS at the end KiB", "lower", t.get("rss_after_kib")),
+        ]
+    return out
+
+
+def problems(r: Result) -> list[str]:
+    found = []
+    if r["broken_rules"]:
+        found.append(f"hostile: {r['broken_rules']} broken rules (listed above)")
+    for name, t in r["targets"].items():
+        if t["tracebacks"] or t["error_lines"] or t["connections_end"]:
+            found.append(
+                f"hostile/{name}: {t['tracebacks']} tracebacks, {t['error_lines']} ERROR "
+                f"lines, {t['connections_end']:g} connections at the end"
+            )
+    return found
+
+
+SCENARIO = Scenario("hostile", hostile, report=print_hostile, figures=figures, problems=problems)

@@ -13,9 +13,9 @@ latency in microseconds.
 A payload may carry trailing spaces as padding (``int()`` ignores them), so
 larger events need no other parsing.
 
-A worker process is driven over a ``multiprocessing`` pipe by ``run.py``:
-``connect`` -> ``expect`` -> ``collect`` -> ``close``; every step is bounded by
-a timeout the parent gives.
+A worker process is driven over a ``multiprocessing`` pipe by
+``procs.ClientPool``: ``connect`` -> ``expect`` -> ``collect`` -> ``close``;
+every step is bounded by a timeout the parent gives.
 
 Resuming streams (``resume`` -> ``status`` ... -> ``collect_resume`` -> ``close``)
 behave like a browser's EventSource: each remembers the last ``id:`` it was
@@ -37,6 +37,7 @@ import resource
 import time
 from array import array
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -177,40 +178,59 @@ class Stream(asyncio.Protocol):
             self.group.dropped += 1
 
 
-async def _open_all(
-    group: Group, host: str, port: int, n: int, concurrency: int, timeout: float
+async def _open_many(
+    n: int, concurrency: int, timeout: float, open_one: Callable[[float], Awaitable[str | None]]
 ) -> dict[str, Any]:
+    """Call ``open_one(deadline)`` ``n`` times, ``concurrency`` at once; it opens one
+    stream (ready when it returns) and returns None, or why it failed."""
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
     errors: Counter[str] = Counter()
     deadline = loop.time() + timeout
+    ok = 0
     last_ready = 0.0
 
-    async def open_one() -> None:
-        nonlocal last_ready
-        ready: asyncio.Future[None] = loop.create_future()
-        stream = Stream(group, ready)
-        try:
-            async with sem, asyncio.timeout_at(deadline):
-                await loop.create_connection(lambda: stream, host, port)
-                await ready
-        except (OSError, TimeoutError) as exc:
-            errors[f"{type(exc).__name__}: {exc}"[:100]] += 1
-            if stream.transport is not None:
-                stream.transport.abort()
+    async def one() -> None:
+        nonlocal ok, last_ready
+        async with sem:
+            error = await open_one(deadline)
+        if error is not None:
+            errors[error] += 1
             return
-        group.streams.append(stream)
+        ok += 1
         last_ready = time.time()
 
     started = time.time()
-    await asyncio.gather(*(open_one() for _ in range(n)))
+    await asyncio.gather(*(one() for _ in range(n)))
     return {
-        "ok": len(group.streams),
-        "failed": n - len(group.streams),
+        "ok": ok,
+        "failed": n - ok,
         "errors": dict(errors.most_common(5)),
         "started": started,
         "finished": last_ready or time.time(),
     }
+
+
+async def _open_all(
+    group: Group, host: str, port: int, n: int, concurrency: int, timeout: float
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+
+    async def open_one(deadline: float) -> str | None:
+        ready: asyncio.Future[None] = loop.create_future()
+        stream = Stream(group, ready)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await loop.create_connection(lambda: stream, host, port)
+                await ready
+        except (OSError, TimeoutError) as exc:
+            if stream.transport is not None:
+                stream.transport.abort()
+            return f"{type(exc).__name__}: {exc}"[:100]
+        group.streams.append(stream)
+        return None
+
+    return await _open_many(n, concurrency, timeout, open_one)
 
 
 def _results(group: Group) -> dict[str, Any]:
@@ -489,31 +509,15 @@ async def _open_resume(
     group: ResumeGroup, n: int, concurrency: int, timeout: float
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    sem = asyncio.Semaphore(concurrency)
-    errors: Counter[str] = Counter()
-    deadline = loop.time() + timeout
-    last_ready = 0.0
 
-    async def open_one() -> None:
-        nonlocal last_ready
+    async def open_one(deadline: float) -> str | None:
         sub = Sub(group)
-        async with sem:
-            error = await sub.open(max(0.0, deadline - loop.time()))
-        if error is not None:
-            errors[error] += 1
-            return
-        group.subs.append(sub)
-        last_ready = time.time()
+        error = await sub.open(max(0.0, deadline - loop.time()))
+        if error is None:
+            group.subs.append(sub)
+        return error
 
-    started = time.time()
-    await asyncio.gather(*(open_one() for _ in range(n)))
-    return {
-        "ok": len(group.subs),
-        "failed": n - len(group.subs),
-        "errors": dict(errors.most_common(5)),
-        "started": started,
-        "finished": last_ready or time.time(),
-    }
+    return await _open_many(n, concurrency, timeout, open_one)
 
 
 def _resume_status(group: ResumeGroup) -> dict[str, Any]:

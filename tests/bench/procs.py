@@ -1,4 +1,5 @@
-"""Processes the bench starts and always stops: redis-server, the servers under test, clients.
+"""Processes the bench starts and always stops: redis-server, clients (the servers
+under test are started by ``targets.py`` and registered here too).
 
 Everything started here is registered in :data:`STARTED` so that
 :func:`kill_all` (from ``finally``, ``atexit`` and the hard-cap alarm) can
@@ -13,12 +14,9 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ import loadclient
 import redis
 
 REPO = Path(__file__).resolve().parents[2]
-NAIVE = Path(__file__).resolve().with_name("naive.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 STARTED: list[subprocess.Popen[bytes] | multiprocessing.process.BaseProcess] = []
@@ -148,7 +145,7 @@ def worker_admin_path(pid: int) -> str | None:
 
 def unix_metrics(path: str, timeout: float = 2.0) -> dict[str, float]:
     """``GET /metrics`` over a Unix socket (a worker's admin listener), parsed like
-    :meth:`Server.metrics`."""
+    :meth:`targets.Server.metrics`."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -254,105 +251,6 @@ class RedisServer:
         stop(self.proc)
 
 
-# -- servers under test ---------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """One server under test, started fresh for each scenario."""
-
-    kind: str  # "broker" | "naive"
-    proc: subprocess.Popen[bytes]
-    port: int
-    ready_url: str
-    metrics_url: str
-    ingest_metric: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def metrics(self, timeout: float = 2.0) -> dict[str, float]:
-        """Every sample of ``/metrics``: ``name`` or ``name{labels}`` -> value."""
-        status, body = http_get(self.metrics_url, timeout)
-        if status != 200:
-            raise BenchError(f"{self.kind} /metrics answered {status}")
-        return parse_metrics(body)
-
-    def metric(self, name: str, timeout: float = 2.0) -> float:
-        """One sample of ``/metrics`` (BenchError when absent)."""
-        value = self.metrics(timeout).get(name)
-        if value is None:
-            raise BenchError(f"{self.kind} /metrics has no {name}")
-        return value
-
-    def ingested(self) -> int:
-        return int(self.metric(self.ingest_metric))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        stop(self.proc)
-
-
-def start_server(
-    kind: str,
-    redis_url: str,
-    tmp: Path,
-    tag: str,
-    deadline: Deadline,
-    naive_mode: str,
-    max_conn: int,
-    settings: Sequence[str] = (),
-) -> Server:
-    """Start a server and wait until ready; ``settings`` are extra broker
-    ``--set key=value`` flags."""
-    port = free_port()
-    log = tmp / f"{kind}-{tag}.log"
-    env = dict(os.environ)
-    if kind == "broker":
-        admin = free_port()
-        cmd: Sequence[str] = [
-            sys.executable, "-m", "broker", "serve",
-            "--set", f"server.listen=127.0.0.1:{port}",
-            "--set", f"admin.listen=127.0.0.1:{admin}",
-            "--set", f"redis.url={redis_url}",
-            "--set", f"limits.max_connections={max_conn}",
-            # thousands of load clients share 127.0.0.1
-            "--set", "limits.max_pending_connections_per_ip=0",
-        ]  # fmt: skip
-        cmd = [*cmd, *(arg for kv in settings for arg in ("--set", kv))]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        base = f"http://127.0.0.1:{admin}"
-        metric = "sse_broker_events_ingested_total"
-    else:
-        cmd = [
-            sys.executable, str(NAIVE), "serve",
-            "--listen", f"127.0.0.1:{port}", "--redis", redis_url, "--mode", naive_mode,
-        ]  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        metric = "naive_events_ingested_total"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    STARTED.append(proc)
-    server = Server(kind, proc, port, f"{base}/readyz", f"{base}/metrics", metric, log)
-    until = time.monotonic() + deadline.left(20)
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(f"{kind} exited with {proc.returncode} at start; see {log}")
-        try:
-            if http_get(server.ready_url, 1.0)[0] == 200:
-                return server
-        except OSError:
-            pass
-        if time.monotonic() > until:
-            server.stop()
-            raise BenchError(f"{kind} not ready in time; see {log}")
-        time.sleep(0.05)
-
-
 # -- client processes -------------------------------------------------------------------
 
 
@@ -431,6 +329,7 @@ class ClientPool:
         return [r[1] for r in self._ask([("collect", timeout)] * len(self.pipes), timeout + 30)]
 
     def close(self) -> None:
+        """Close every stream and stop the processes (again: nothing)."""
         with contextlib.suppress(BenchError, OSError):
             self._ask([("close",)] * len(self.pipes), 10)
         for proc in self.procs:
@@ -440,6 +339,7 @@ class ClientPool:
                 proc.join(2)
             if proc in STARTED:
                 STARTED.remove(proc)
+        self.pipes, self.procs = [], []
 
 
 def open_stalled(
