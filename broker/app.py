@@ -32,12 +32,13 @@ from broker.admission import Admission
 from broker.auth import Authenticator
 from broker.auth.grants import Grants
 from broker.config import Config
+from broker.envelope import DECODERS
 from broker.guard import Guard
 from broker.health import Health
 from broker.history import History, RetainedState
 from broker.hub import Hub, new_epoch
 from broker.ingest import Context, build
-from broker.intake import DECODERS, Intake, Retainer
+from broker.intake import Intake, Retainer
 from broker.metrics import Metrics, Stats
 from broker.policy import Policy
 from broker.redis_conn import bounded_client, redis_target
@@ -71,7 +72,7 @@ class Broker:
             max_bytes=cfg.replay.max_bytes,
         )
         epoch = new_epoch()
-        self.ingest = build(Context(cfg, self.target, self.redis, epoch))
+        self.ingest = build(Context(cfg, self.target, self.redis, epoch, self.stats))
         stored = RedisRetained(self.ingest.stream_key) if self.ingest.stream_key else None
         self.retained = RetainedState(
             max_keys=cfg.replay.max_retained_keys,
@@ -193,6 +194,7 @@ class Broker:
             "deadline_entries": self.streams.timed,
             "catch_up_waiters": len(self.intake.catching_up),
             "pending_connections": self.edge.pending_connections if self.edge else 0,
+            **self.ingest.gauges(),
         }
 
     # -- reload (SIGHUP) ---------------------------------------------------------------

@@ -8,6 +8,7 @@ the metric's cardinality stays bounded).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
@@ -219,6 +220,8 @@ def _with_audience(fields: dict[str, Any], event: Event) -> dict[str, Any]:
         fields["users"] = sorted(event.users)
     if event.retain is not None:
         fields["retain"] = event.retain
+    if event.socket is not None:
+        fields["socket"] = event.socket
     return fields
 
 
@@ -267,6 +270,8 @@ def encode_stream(event: Event) -> dict[str, str]:
         fields["users"] = orjson.dumps(sorted(event.users)).decode()
     if event.retain is not None:
         fields["retain"] = event.retain
+    if event.socket is not None:
+        fields["socket"] = event.socket
     return fields
 
 
@@ -303,9 +308,18 @@ def decode_stream(fields: dict[bytes, bytes], max_bytes: int) -> Event:
         except orjson.JSONDecodeError:
             raise Rejected("field 'users' must be a JSON array", code="bad_users") from None
     event = from_fields(channel, parsed)
+    if "socket" in text:  # Laravel's socket id, carried over by the bridge (toOthers)
+        event = event._replace(socket=text["socket"] or None)
     if event.retain is not None and text["data"] == "null":
         return event._replace(deletes=True)
     return event
+
+
+# ``[ingest] format`` -> the decoder of pub/sub messages.
+DECODERS: dict[str, Callable[[str, bytes, int], Event]] = {
+    "native": decode_native,
+    "laravel": decode_laravel,
+}
 
 
 class Published:

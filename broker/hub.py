@@ -61,8 +61,10 @@ class Hub:
         self.write_buffer_bytes = write_buffer_bytes
         self.write_timeout = write_timeout
         self.epoch = epoch or new_epoch()
+        # Pub/sub ids: "p<epoch>-<seq>", never mistaken for a stream id (positions.py).
+        self._id_prefix = f"p{self.epoch}-"
         self.seq = 0
-        self.head = f"{self.epoch}-0"  # id of the newest event
+        self.head = f"{self._id_prefix}0"  # id of the newest event
         self.connections: set[Connection] = set()
         self._by_channel: dict[str, set[Connection]] = {}
         self._dirty: list[Connection] = []
@@ -115,7 +117,7 @@ class Hub:
         it (history, retained state) and queue it to every connection that may see it."""
         if position is None:  # pub/sub: one sequence per process across all channels
             self.seq = seq = self.seq + 1
-            id = f"{self.epoch}-{seq}"
+            id = f"{self._id_prefix}{seq}"
         else:
             seq, id = position
             self.seq = seq
@@ -169,7 +171,7 @@ class Hub:
     def skip(self) -> None:
         """Burn one position to stand for events lost in an outage (a new head)."""
         self.seq += 1
-        self.head = f"{self.epoch}-{self.seq}"
+        self.head = f"{self._id_prefix}{self.seq}"
 
     def send(self, conn: Connection, frame: bytes) -> None:
         """Queue a connection-specific frame (control event, heartbeat) behind its pending ones."""

@@ -54,8 +54,8 @@ def is_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and _CONTROL.search(value) is None
 
 
-# Event ids, the broker's ``<epoch>-<seq>`` and Redis stream ids ``<ms>-<seq>``
-# alike: two unsigned 64-bit numbers. Checked before any int() so that a
+# Event ids, the broker's ``p<epoch>-<seq>`` (past its ``p``) and Redis stream
+# ids ``<ms>-<seq>`` alike: two unsigned 64-bit numbers. Checked before any int() so that a
 # client's ``Last-Event-ID`` of 5,000 digits costs a regex, not a ValueError
 # (Python refuses to parse ints past 4,300 digits).
 _EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")

@@ -20,20 +20,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.config import Config
-from broker.envelope import Event, Published, decode_laravel, decode_native, decode_stream
+from broker.envelope import Event, Published, decode_stream
 from broker.errors import Rejected
 from broker.health import Health
 from broker.history import History, RetainedState
 from broker.hub import Hub
 from broker.metrics import Stats
-from broker.positions import stream_seq
+from broker.positions import HOLE, stream_seq
 from broker.resume import Resume
 from broker.retained_store import RedisRetained
 
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[str, bytes, int], Event]
-DECODERS: dict[str, Decoder] = {"native": decode_native, "laravel": decode_laravel}
 
 CATCH_UP_SECONDS = 2.0
 
@@ -113,6 +112,9 @@ class Intake:
         self.hub.publish(event)
 
     def entry(self, id: str, fields: dict[bytes, bytes]) -> None:
+        if HOLE in fields:  # events were lost before this entry (a bridge handover)
+            self.gap("outage", upto=id)
+            return
         try:
             event = decode_stream(fields, self.max_event_bytes)
         except Rejected as exc:

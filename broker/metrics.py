@@ -24,6 +24,10 @@ class Stats:
     __slots__ = (
         "auth_calls",
         "auth_failures",
+        "bridge_appended",
+        "bridge_holes",
+        "bridge_renewals",
+        "bridge_takeovers",
         "bytes_sent",
         "connections_closed",
         "connections_opened",
@@ -55,6 +59,10 @@ class Stats:
         self.auth_failures: Counter[str] = Counter()
         self.auth_calls: Counter[str] = Counter()
         self.slow_consumers = 0
+        self.bridge_appended = 0
+        self.bridge_holes = 0
+        self.bridge_renewals = 0
+        self.bridge_takeovers = 0
 
 
 class _StatsCollector(Collector):
@@ -105,6 +113,24 @@ class _StatsCollector(Collector):
             "result",
             s.auth_calls,
         )
+        yield _counter(
+            "bridge_appended",
+            "Bridge mode: pub/sub messages this process appended to the stream.",
+            s.bridge_appended,
+        )
+        yield _counter(
+            "bridge_holes",
+            "Bridge mode: hole markers this process wrote (events it could not append).",
+            s.bridge_holes,
+        )
+        yield _counter(
+            "bridge_lease_renewals",
+            "Bridge mode: lease renewals by this process.",
+            s.bridge_renewals,
+        )
+        yield _counter(
+            "bridge_takeovers", "Bridge mode: leases taken by this process.", s.bridge_takeovers
+        )
         for name, value in self._gauges().items():
             g = GaugeMetricFamily(PREFIX + name, _GAUGE_HELP.get(name, name))
             g.add_metric([], value)
@@ -123,6 +149,8 @@ _GAUGE_HELP = {
     "deadline_entries": "Entries in the per-stream deadline heaps (expiry, recycling, re-checks).",
     "pending_connections": "Connections not yet admitted as streams, counted per address.",
     "catch_up_waiters": "Stream-mode resumes waiting for this reader to reach their position.",
+    "bridge_leader": "Bridge mode: 1 while this process holds the lease and appends.",
+    "bridge_lag_seconds": "Bridge mode: how long the oldest message not yet appended has waited.",
 }
 
 

@@ -3,9 +3,15 @@
 An event id is what a client holds (``Last-Event-ID``); a position is what
 the broker compares. Each ingest mode has its id scheme:
 
-- pub/sub: ``<epoch>-<seq>``, one sequence per process, valid only in the
-  process that minted it (the epoch is its start time);
-- stream: a Redis stream id ``<ms>-<seq>``, the same on every instance.
+- pub/sub: ``p<epoch>-<seq>``, one sequence per process, valid only in the
+  process that minted it (the epoch is its start time in ms);
+- stream and bridge: a Redis stream id ``<ms>-<seq>``, the same on every
+  instance.
+
+The ``p`` keeps the two apart: without it a pub/sub id would parse as a stream
+id (both are two numbers), and a client holding one after an operator switched
+modes would "resume" from a position that never existed. Each scheme reads
+only its own kind and answers ``unknown_id`` (an honest reset) for the other.
 
 A position answers "how far is this client, on this channel": today every
 channel of a position shares one sequence (:class:`Scalar`); a position made
@@ -26,6 +32,10 @@ from broker.ids import split_event_id
 MAX_SEQ = (1 << 64) - 1
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry (id, fields) as redis-py returns it
+
+# A stream entry with this field is no event: it marks events lost just before
+# it (a bridge handover that could not be made whole). Readers reset across it.
+HOLE = b"hole"
 
 
 class Position(Protocol):
@@ -71,6 +81,13 @@ def stream_seq(id: str) -> int | None:
     return (parts[0] << 64) | parts[1]
 
 
+def split_stream_ms(id: str) -> int:
+    """The millisecond part of a stream id Redis made (its time)."""
+    parts = split_event_id(id)
+    assert parts is not None, id
+    return parts[0]
+
+
 def previous_id(id: str) -> str:
     """The greatest possible stream id before ``id`` (a valid resume position);
     ``id`` is one Redis made."""
@@ -91,16 +108,16 @@ class Scheme(Protocol):
 
 
 class SequenceIds:
-    """Pub/sub ids: ``<epoch>-<seq>``, meaningful only to the process of that epoch."""
+    """Pub/sub ids: ``p<epoch>-<seq>``, meaningful only to the process of that epoch."""
 
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
 
     def format(self, seq: int) -> str:
-        return f"{self.epoch}-{seq}"
+        return f"p{self.epoch}-{seq}"
 
     def parse(self, last_id: str) -> int | str:
-        parts = split_event_id(last_id)
+        parts = split_event_id(last_id[1:]) if last_id.startswith("p") else None
         if parts is None:
             return "unknown_id"
         if str(parts[0]) != self.epoch:

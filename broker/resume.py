@@ -36,7 +36,7 @@ from broker.envelope import Published, decode_stream
 from broker.errors import Rejected
 from broker.history import History, RetainedState
 from broker.metrics import Stats
-from broker.positions import Entry, Scheme, stream_seq
+from broker.positions import HOLE, Entry, Scheme, stream_seq
 from broker.retained_store import RedisRetained
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ class Resume:
                 return "expired", []  # the stream grew past the bound meanwhile
             for entry in entries:
                 fields = entry[1]
+                if HOLE in fields:
+                    return "outage", []  # events were lost in this range (a bridge handover)
                 if fields.get(b"channel") in wanted:
                     kept.append(entry)
                     size += sum(len(k) + len(v) for k, v in fields.items())

@@ -142,7 +142,7 @@ async def test_dashboard_renders_live_events_takes_screenshot_and_handles_reset(
         assert await text(page, "#event-count") == str(published)
         assert await text(page, "#orders-count") == str(stats["byType"]["order.created"])
         assert "Active users" in await text(page, "#tiles")
-        assert re.fullmatch(r"\d+-\d+", await text(page, "#last-id"))
+        assert re.fullmatch(r"p\d+-\d+", await text(page, "#last-id"))
         assert await text(page, "#state") == "connected"
         assert await page.evaluate("document.getElementById('banner').hidden") is True
         assert await broker.metric("sse_broker_connections") == 1

@@ -140,7 +140,7 @@ def test_known_keys_are_dotted_and_cover_nested_sections() -> None:
     # auth.recheck_interval_seconds (issue 10), and issue 11's seven keys
     assert "auth.recheck_interval_seconds" in keys
     assert "server.header_timeout_seconds" in keys
-    assert len(keys) == len(set(keys)) == 69
+    assert len(keys) == len(set(keys)) == 72
 
 
 def test_env_var_names() -> None:
@@ -575,7 +575,7 @@ def test_listen_address_properties() -> None:
         ),
         (
             ["ingest.mode=stream", "ingest.format=laravel"],
-            "ingest.format: 'laravel' requires ingest.mode = 'pubsub'",
+            "ingest.format: 'laravel' requires ingest.mode = 'pubsub' or 'bridge'",
         ),
         (["auth.mode=jwt"], "auth.jwt.secret: auth.jwt.secret or auth.jwt.secret_file"),
         (

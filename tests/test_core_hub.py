@@ -118,7 +118,7 @@ class Scene:
 
     def event_id(self, n: int) -> str:
         """The id of the ``n``-th event published (one sequence across channels)."""
-        return f"{self.hub.epoch}-{n}"
+        return f"p{self.hub.epoch}-{n}"
 
     def transport(self, name: str) -> FakeTransport:
         transport = self.conns[name].transport
@@ -426,7 +426,7 @@ async def test_a_single_event_is_written_as_the_same_bytes_object_to_everyone() 
 
 # -- slow consumers ----------------------------------------------------------------------
 
-FRAME = len(sse_frame("1700000000000-1", "x" * 20))  # an event's size (ids of equal length)
+FRAME = len(sse_frame("p1700000000000-1", "x" * 20))  # an event's size (ids of equal length)
 
 
 @pytest.mark.parametrize(

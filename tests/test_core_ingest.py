@@ -14,6 +14,7 @@ from collections.abc import Collection
 import pytest
 
 from broker.envelope import Event, Published
+from broker.errors import Rejected
 from broker.health import Health, State
 from broker.history import History
 from broker.ingest import Sink, Sources
@@ -97,6 +98,9 @@ class Recorder:
 
     def entry(self, id: str, fields: dict[bytes, bytes]) -> None:
         self.seen.append(("entry", id))
+
+    def reject(self, channel: str, exc: Rejected) -> None:
+        self.seen.append(("reject", channel))
 
     def started(self, id: str) -> None:
         self.seen.append(("started", id))
@@ -199,12 +203,14 @@ async def test_several_sources_are_connected_only_while_all_are() -> None:
 @pytest.mark.parametrize(
     ("last_id", "parsed"),
     [
-        ("1700000000000-5", 5),
-        ("1700000000001-5", "epoch"),
-        ("1700000000000-", "unknown_id"),
-        ("-5", "unknown_id"),
-        ("1700000000000-18446744073709551616", "unknown_id"),  # past u64
+        ("p1700000000000-5", 5),
+        ("p1700000000001-5", "epoch"),
+        ("1700000000000-5", "unknown_id"),  # a stream id: another mode's position
+        ("p1700000000000-", "unknown_id"),
+        ("p-5", "unknown_id"),
+        ("p1700000000000-18446744073709551616", "unknown_id"),  # past u64
         ("x", "unknown_id"),
+        ("", "unknown_id"),
     ],
 )
 def test_sequence_ids(last_id: str, parsed: int | str) -> None:
@@ -220,6 +226,7 @@ def test_sequence_ids(last_id: str, parsed: int | str) -> None:
         ("5", "unknown_id"),
         ("5-7-1", "unknown_id"),
         ("18446744073709551616-0", "unknown_id"),
+        ("p5-7", "unknown_id"),  # a pub/sub id: another mode's position
     ],
 )
 def test_stream_ids(last_id: str, parsed: int | str) -> None:

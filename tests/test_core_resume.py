@@ -84,7 +84,7 @@ class World:
         )
 
     def id(self, seq: int) -> str:
-        return f"{EPOCH}-{seq}" if isinstance(self.scheme, SequenceIds) else f"{seq}-0"
+        return f"p{EPOCH}-{seq}" if isinstance(self.scheme, SequenceIds) else f"{seq}-0"
 
     def publish(self, channel: str, data: str, **kw: Any) -> Published:
         self.seq += 1
@@ -215,13 +215,15 @@ async def test_a_hole_of_other_channels_does_not_reset() -> None:
 @pytest.mark.parametrize(
     ("last_id", "reason"),
     [
-        ("1600000000000-1", "epoch"),  # another process start
-        (f"{EPOCH}-99", "unknown_id"),  # from the future
+        ("p1600000000000-1", "epoch"),  # another process start
+        (f"{EPOCH}-1", "unknown_id"),  # a stream id (another mode), never a position here
+        (f"p{EPOCH}-99", "unknown_id"),  # from the future
         ("not-an-id", "unknown_id"),
         ("", "unknown_id"),
         ("1-2-3", "unknown_id"),
-        (f"{EPOCH}-{'9' * 30}", "unknown_id"),
-        (f"{EPOCH}-1\n", "unknown_id"),
+        (f"p{EPOCH}-{'9' * 30}", "unknown_id"),
+        (f"p{EPOCH}-1\n", "unknown_id"),
+        (f"pp{EPOCH}-1", "unknown_id"),
     ],
 )
 async def test_ids_that_name_no_position_here_reset(last_id: str, reason: str) -> None:
@@ -269,6 +271,9 @@ async def test_stream_mode_reads_redis_only_for_positions_older_than_memory(
         assert datas(frames) == [str(i) for i in range(last + 1, 5)]
 
 
-async def test_stream_mode_ids_from_the_future_reset_unknown_id() -> None:
+@pytest.mark.parametrize("last_id", ["9-0", "p1700000000000-1", "p1-0"])
+async def test_stream_mode_ids_from_the_future_or_another_mode_reset_unknown_id(
+    last_id: str,
+) -> None:
     world = stream_world(0)
-    expect_reset(await world.backlog("9-0"), "unknown_id", world, [])
+    expect_reset(await world.backlog(last_id), "unknown_id", world, [])

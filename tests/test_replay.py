@@ -25,7 +25,7 @@ from helpers import encode_payload, envelope, eventually, fence, publish
 from sse_client import SSEClient, SSEEvent, SSEParser, SSEStream
 
 PREAMBLE = b"retry: 3000\n: ok\n\n"
-ID_RE = re.compile(r"^(\d+)-(\d+)$")
+ID_RE = re.compile(r"^p(\d+)-(\d+)$")
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -67,7 +67,7 @@ async def wait_ingested(broker: BrokerProcess, n: int, timeout: float = 15.0) ->
 
 def seq_of(event_id: str) -> tuple[int, int]:
     match = ID_RE.match(event_id)
-    assert match, f"event id {event_id!r} is not <epoch>-<seq>"
+    assert match, f"event id {event_id!r} is not p<epoch>-<seq>"
     return int(match.group(1)), int(match.group(2))
 
 
@@ -233,8 +233,9 @@ async def test_unusable_positions_get_broker_reset_with_the_reason_never_a_400(
         ("12-abc", "r", "unknown_id"),
         ("-5", "r", "unknown_id"),
         ("١٢-٣", "r", "unknown_id"),  # non-ASCII digits
-        (f"{epoch}-{head_seq + 1}", "r", "unknown_id"),  # a future seq
-        (f"{epoch}-{head_seq + 10**6}", "r", "unknown_id"),
+        (f"p{epoch}-{head_seq + 1}", "r", "unknown_id"),  # a future seq
+        (f"p{epoch}-{head_seq + 10**6}", "r", "unknown_id"),
+        (f"{epoch}-{head_seq}", "r", "unknown_id"),  # a stream id (another mode): no position
         (old_id, "r", "epoch"),
         (flood[0].last_event_id, "e", "expired"),  # events after it were evicted
         (flood[10].last_event_id, "e", "expired"),
@@ -262,7 +263,7 @@ async def test_unusable_positions_get_broker_reset_with_the_reason_never_a_400(
     async with open_stream(broker, "r", "e", last_event_id=head) as s:
         await publish(redis_client, "e", "next")
         assert (await s.next_event()).data == "next"
-    counts = {"unknown_id": 12, "epoch": 2, "expired": 4}
+    counts = {"unknown_id": 14, "epoch": 2, "expired": 4}
     for reason, n in counts.items():
         assert await broker.metric("sse_broker_resets_total", {"reason": reason}) == n, reason
     assert await broker.metric("sse_broker_replays_served_total") == 1

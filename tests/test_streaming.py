@@ -13,12 +13,12 @@ from conftest import BrokerProcess, RedisServer, StartBroker
 from helpers import envelope, eventually, fence, publish, stream
 from sse_client import SSEClient
 
-ID_RE = re.compile(r"^(\d+)-(\d+)$")
+ID_RE = re.compile(r"^p(\d+)-(\d+)$")
 
 
 def seq_of(event_id: str) -> tuple[int, int]:
     match = ID_RE.match(event_id)
-    assert match, f"event id {event_id!r} is not <epoch>-<seq>"
+    assert match, f"event id {event_id!r} is not p<epoch>-<seq>"
     return int(match.group(1)), int(match.group(2))
 
 
@@ -29,7 +29,7 @@ async def test_stream_headers_and_preamble_flushed_at_once(broker: BrokerProcess
         assert s.headers["X-Accel-Buffering"] == "no"
         # the preamble, then the head id: even a client that never receives
         # an event holds a position to resume from
-        assert re.fullmatch(rb"retry: 3000\n: ok\n\nid: \d+-0\n\n", s.raw), s.raw
+        assert re.fullmatch(rb"retry: 3000\n: ok\n\nid: p\d+-0\n\n", s.raw), s.raw
         assert s.parser.retry == 3000
 
 
@@ -308,7 +308,7 @@ async def test_bytes_sent_counts_the_preamble_and_the_backlog(
         # head's id, both written before the stream joins the hub.
         fresh = await open_raw("1.0")
         body = await until(fresh, b": ok\n\n") + await until(fresh, b"\n\n")
-        head = re.search(rb"id: (\d+-0)\n\n$", body)
+        head = re.search(rb"id: (p\d+-0)\n\n$", body)
         assert head, body
         await publish(redis_client, "b", "one")
         await publish(redis_client, "b", "two")
@@ -334,10 +334,11 @@ async def test_http10_client_gets_unchunked_frames(broker: BrokerProcess, redis_
         assert head.startswith(b"HTTP/1.0 200")
         assert b"transfer-encoding" not in head.lower()
         assert await asyncio.wait_for(reader.readuntil(b": ok\n\n"), 5)
-        assert re.fullmatch(rb"id: \d+-0\n\n", await asyncio.wait_for(reader.readuntil(b"\n\n"), 5))
+        head_block = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert re.fullmatch(rb"id: p\d+-0\n\n", head_block)
         await publish(redis_client, "old", "plain")
         frame = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
-        assert re.fullmatch(rb"id: \d+-1\ndata: plain\n\n", frame)
+        assert re.fullmatch(rb"id: p\d+-1\ndata: plain\n\n", frame)
     finally:
         writer.close()
 

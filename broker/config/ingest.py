@@ -12,16 +12,23 @@ from broker.config.text import safe_repr
 
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
-    mode: Literal["pubsub", "stream"] = setting("pubsub")
+    mode: Literal["pubsub", "stream", "bridge"] = setting("pubsub")
     format: Literal["native", "laravel"] = setting("native")
     prefix: str = setting("sse:")
     stream_key: str = setting("sse:stream", non_empty)
     canary_interval_seconds: int = setting(5, between(0, 3600))
+    bridge_lease_seconds: int = setting(3, between(1, 60))
+    bridge_buffer_seconds: int = setting(10, between(2, 600))
+    bridge_buffer_events: int = setting(100000, between(1000, 10000000))
 
     def problems(self) -> Iterator[Problem]:
         if self.mode == "stream" and self.format == "laravel":
             # Laravel's broadcaster PUBLISHes; there is no stream for the broker to read.
-            yield "ingest.format", "'laravel' requires ingest.mode = 'pubsub'", "ingest.format"
+            yield (
+                "ingest.format",
+                "'laravel' requires ingest.mode = 'pubsub' or 'bridge'",
+                "ingest.format",
+            )
 
 
 @dataclass(frozen=True, slots=True)

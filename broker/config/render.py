@@ -67,7 +67,20 @@ def config_warnings(cfg: Config) -> list[str]:
         warnings.append(
             f"server.workers = {cfg.server.workers} with ingest.mode = 'pubsub': replay history is "
             "per process, so a resume is exact only when it reaches the same worker (others "
-            "reset); use ingest.mode = 'stream' for exact resume anywhere"
+            "reset); use ingest.mode = 'stream', or ingest.mode = 'bridge' to keep PUBLISH, "
+            "for exact resume anywhere"
+        )
+    ingest = cfg.ingest
+    if ingest.mode == "bridge" and ingest.bridge_buffer_seconds < 2 * ingest.bridge_lease_seconds:
+        warnings.append(
+            f"ingest.bridge_buffer_seconds = {ingest.bridge_buffer_seconds} is under twice "
+            f"ingest.bridge_lease_seconds = {ingest.bridge_lease_seconds}: a takeover may not "
+            "find its place in the buffer and write a hole (clients reset)"
+        )
+    if ingest.mode == "bridge" and cfg.redis.sentinels:
+        warnings.append(
+            "ingest.mode = 'bridge' with Sentinel: a failover may lose the newest appends; the "
+            "bridge appends them again from its buffer, or writes a hole (clients reset)"
         )
     if cfg.sse.heartbeat_seconds >= _PROXY_READ_TIMEOUT:
         warnings.append(

@@ -20,6 +20,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from broker.errors import Rejected
+from broker.metrics import Stats
 from broker.positions import Scheme
 
 if TYPE_CHECKING:  # only for annotations: the ingest modules need none of these at run time
@@ -33,7 +35,11 @@ if TYPE_CHECKING:  # only for annotations: the ingest modules need none of these
 CANARY_PREFIX = "!canary!"
 
 # ``[ingest] mode`` -> the module that builds it.
-MODES = {"pubsub": "broker.ingest.pubsub", "stream": "broker.ingest.stream"}
+MODES = {
+    "pubsub": "broker.ingest.pubsub",
+    "stream": "broker.ingest.stream",
+    "bridge": "broker.ingest.bridge",
+}
 
 
 class Sink(Protocol):
@@ -44,6 +50,9 @@ class Sink(Protocol):
 
     def entry(self, id: str, fields: dict[bytes, bytes]) -> None:
         """A stream entry, its id its position."""
+
+    def reject(self, channel: str, exc: Rejected) -> None:
+        """A message an ingest decoded itself was invalid: counted and logged."""
 
     def started(self, id: str) -> None:
         """A stream reader starts after ``id``: what came before is in Redis only."""
@@ -99,6 +108,9 @@ class Ingest(Protocol):
 
     async def close(self) -> None: ...
 
+    def gauges(self) -> dict[str, float]:
+        """The ingest's own gauges for /metrics (names without the prefix)."""
+
 
 @dataclass(frozen=True)
 class Context:
@@ -109,6 +121,7 @@ class Context:
     target: RedisTarget
     commands: Callable[[], aioredis.Redis]  # the shared command client
     epoch: str
+    stats: Stats
 
 
 class Backoff:
@@ -170,6 +183,12 @@ class Sources:
         for source in self.sources:
             await source.close()
 
+    def gauges(self) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for source in self.sources:
+            merged.update(source.gauges())
+        return merged
+
 
 class _Part:
     """One source's sink: everything passes through, except that "connected" is
@@ -179,6 +198,7 @@ class _Part:
         self._sink, self._up, self._i = sink, up, i
         self.message = sink.message
         self.entry = sink.entry
+        self.reject = sink.reject
         self.started = sink.started
         self.settle = sink.settle
         self.reachable = sink.reachable

@@ -302,6 +302,9 @@ class PubSubIngest:
     def release(self, channel: str) -> None:
         return None
 
+    def gauges(self) -> dict[str, float]:
+        return {}
+
     async def close(self) -> None:
         return None
 

@@ -180,6 +180,9 @@ class StreamIngest:
     def release(self, channel: str) -> None:
         return None
 
+    def gauges(self) -> dict[str, float]:
+        return {}
+
     async def close(self) -> None:
         if self._probe is not None:
             await self._probe.aclose()
