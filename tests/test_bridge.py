@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import random
 import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -254,5 +256,47 @@ async def test_pubsub_messages_become_stream_entries_with_everything_the_decoder
         assert fields[0]["socket"] == "123.456" and "socket" not in fields[1]
         assert all(len(f["digest"]) == 16 for f in fields)
         assert [e[0].decode() for e in entries] == [e.last_event_id for e in got], "stream ids"
+    finally:
+        await redis.aclose()
+
+
+async def test_http_and_cli_publish_go_through_the_holder_as_pubsub_messages(
+    start_broker: StartBroker, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """In bridge mode POST /publish and ``sse-broker publish`` PUBLISH (the same path
+    and order as the app's messages): the events reach clients with stream ids, the
+    answer names no stream ids (the holder appends them, later), and the stream holds
+    them once each."""
+    (broker,) = await start_fleet(start_broker, 1, "publish.keys=['k']")
+    redis = redis_server.client()
+    try:
+        async with stream(broker, "orders.1") as s:
+            async with http.post(
+                f"{broker.admin_url}/publish",
+                json={"channel": "orders.1", "event": "App\\Events\\Tick", "data": {"n": 7}},
+                headers={"Authorization": "Bearer k"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                answer = await resp.json()
+            assert answer == {"published": 1, "ids": []}
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "broker",
+                "publish",
+                "orders.1",
+                '{"n": 8}',
+                "--event",
+                "App\\Events\\Tick",
+                *("--set", f"redis.url={redis_server.url}"),
+                *("--set", "ingest.mode=bridge"),
+                *("--set", "ingest.format=laravel"),
+                *("--set", f"ingest.prefix={PREFIX}"),
+            )
+            assert await cli.wait() == 0
+            got = await s.events(2)
+            assert [e.json()["n"] for e in got] == [7, 8]
+        entries = await redis.xrange(STREAM_KEY)
+        assert [e[0].decode() for e in entries] == [e.last_event_id for e in got]
     finally:
         await redis.aclose()

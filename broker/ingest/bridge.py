@@ -36,11 +36,12 @@ from collections.abc import Callable, Collection
 from typing import cast
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from broker.envelope import DECODERS, encode_stream
 from broker.errors import Rejected
-from broker.ingest import Context, Sink, Sources
+from broker.ingest import Backoff, Context, Sink, Sources
 from broker.ingest.pubsub import PubSubIngest
 from broker.ingest.stream import StreamIngest
 from broker.metrics import Stats
@@ -104,12 +105,13 @@ def digest(channel: str, payload: bytes) -> str:
 
 
 class Buffered:
-    __slots__ = ("at", "digest", "fields")
+    __slots__ = ("at", "digest", "fields", "size")
 
-    def __init__(self, digest: str, fields: Fields, at: float) -> None:
+    def __init__(self, digest: str, fields: Fields, at: float, size: int) -> None:
         self.digest = digest
         self.fields = fields
         self.at = at
+        self.size = size
 
 
 def place(tail: list[str], buffer: list[str]) -> list[int]:
@@ -139,6 +141,10 @@ class Relay:
         self.lease_ms = int(cfg.ingest.bridge_lease_seconds * 1000)
         self.window = float(cfg.ingest.bridge_buffer_seconds)
         self.max_buffered = cfg.ingest.bridge_buffer_events
+        # Bytes too: a flood of large messages must not hold gigabytes. The
+        # replay history's bound is the measure of what a broker may keep.
+        self.max_buffered_bytes = cfg.replay.max_bytes
+        self.buffered_bytes = 0
         self._decode = decode
         self._commands = context.commands
         self.subscription = PubSubIngest(
@@ -154,6 +160,8 @@ class Relay:
         self._flushing: asyncio.Task[None] | None = None
         self._sink: Sink | None = None
         self._wake = asyncio.Event()  # try for the lease now (just subscribed)
+        self._append: AsyncScript | None = None
+        self._next_complaint = 0.0
 
     # -- the Ingest interface (the reader half serves clients) --------------------------
 
@@ -203,12 +211,18 @@ class Relay:
         fields["digest"] = digest(channel, payload)
         now = time.monotonic()
         buffer = self.buffer
-        buffer.append(Buffered(fields["digest"], fields, now))
+        size = len(payload) + len(channel) + 64
+        buffer.append(Buffered(fields["digest"], fields, now, size))
+        self.buffered_bytes += size
         cutoff = now - self.window
-        while buffer and (buffer[0].at < cutoff or len(buffer) > self.max_buffered):
+        while buffer and (
+            buffer[0].at < cutoff
+            or len(buffer) > self.max_buffered
+            or self.buffered_bytes > self.max_buffered_bytes
+        ):
             if buffer[0].at >= cutoff:
-                self.overflowed = True
-            buffer.popleft()
+                self.overflowed = True  # left before its time: the buffer has a hole
+            self.buffered_bytes -= buffer.popleft().size
         if self.lease is not None:
             self._queue([fields])
 
@@ -216,6 +230,7 @@ class Relay:
         # A break in listening: what was published meanwhile is not in the
         # buffer, so it can no longer vouch for a sequence across the break.
         self.buffer.clear()
+        self.buffered_bytes = 0
         self.overflowed = False
         self.since = time.monotonic() if up else None
         if up:
@@ -233,12 +248,30 @@ class Relay:
     def _queue(self, entries: list[Fields]) -> None:
         if not self.pending and self.pending_since is None:
             self.pending_since = time.monotonic()
-        self.pending.extend(entries)
+        pending = self.pending
+        pending.extend(entries)
+        excess = len(pending) - self.max_buffered
+        if excess > 0:
+            # Redis has not taken appends for a while: what cannot be held is
+            # lost, and the stream will say so.
+            del pending[:excess]
+            self._hole_owed = True
+            self._complain(f"{excess} messages dropped: appends are failing")
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush(), name="bridge-append")
 
+    def _complain(self, what: str) -> None:
+        now = time.monotonic()
+        if now >= self._next_complaint:
+            self._next_complaint = now + 10.0
+            log.warning("bridge: %s", what)
+
     async def _flush(self) -> None:
         client = self._commands()
+        append = self._append
+        if append is None:
+            append = self._append = client.register_script(_APPEND)
+        backoff = Backoff()
         while (self.pending or self._hole_owed) and self.lease is not None:
             batch: list[Fields] = []
             if self._hole_owed:
@@ -250,18 +283,19 @@ class Relay:
                 for k, v in fields.items():
                     args += (k, v)
             try:
-                await client.eval(_APPEND, 2, self.stream_key, self.lease_key, *args)
+                await append(keys=[self.stream_key, self.lease_key], args=args)
             except ResponseError as exc:
                 if "NOTLEADER" in str(exc):
                     self._lost_lease("the lease moved to another process")
                     return
-                log.warning("bridge append refused by Redis (%s); retrying", exc)
-                await asyncio.sleep(0.2)
+                self._complain(f"append refused by Redis ({exc}); retrying")
+                await backoff.wait()
                 continue
             except (RedisError, OSError) as exc:
-                log.warning("bridge append failed (%s); retrying", exc)
-                await asyncio.sleep(0.2)
+                self._complain(f"append failed ({exc}); retrying")
+                await backoff.wait()
                 continue
+            backoff.reset()
             if self._hole_owed:
                 self._hole_owed = False
                 self.stats.bridge_holes += 1
@@ -364,10 +398,13 @@ class Relay:
         marks = [f[b"digest"].decode() for _, f in tail if b"digest" in f]
         if marks:
             found = place(marks, digests)
-            if len(found) == 1:
-                return [b.fields for b in buffered[found[0] + 1 :]], False
-            if found:  # repeated payloads: no one place; resume after the latest
-                return [b.fields for b in buffered[found[0] + 1 :]], True
+            if found:
+                # One place, with the whole tail matched: what follows is exactly
+                # what was not appended. Several places (repeated payloads), or a
+                # match the buffer only partly reaches back over, cannot prove
+                # that: resume after the newest place, behind a hole marker.
+                proven = len(found) == 1 and found[0] + 1 >= len(marks)
+                return [b.fields for b in buffered[found[0] + 1 :]], not proven
         # No entry of the stream is in the buffer. That is no loss only when the
         # newest entry is older than anything the buffer may hold and the
         # buffer holds everything heard since: then all of it is new.
