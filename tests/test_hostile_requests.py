@@ -1567,7 +1567,7 @@ async def head_id(target: Target) -> bytes:
     req = _get(b"channel=pub.epoch")
     out = await send(target.host, target.port, req.wire(b"0"), head=False, timeout=5)
     assert out.status == 200, (target.name, out)
-    match = re.search(rb"\nid: (\d+)-(\d+)\n", out.body)
+    match = re.search(rb"\nid: (p?\d+)-(\d+)\n", out.body)  # pubsub ids: p<epoch>-<seq>
     assert match is not None, (target.name, out.body)
     return match.group(1)
 

@@ -369,11 +369,14 @@ class Relay:
         self.stats.bridge_takeovers += 1
         self.lease = lease
         self._hole_owed = hole
-        log.warning(
+        # A takeover that loses nothing is routine (every deploy makes one): the
+        # metric counts it; only a hole is worth a warning.
+        log.log(
+            logging.WARNING if hole else logging.INFO,
             "bridge: took the lease (%s); appending %d buffered messages%s",
             lease,
             len(entries),
-            " after a hole marker" if hole else "",
+            " after a hole marker: streams across it reset" if hole else "",
         )
         self._queue(entries)
 

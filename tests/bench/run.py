@@ -3,6 +3,7 @@
     python tests/bench/run.py [--quick] [--only idle,fanout,ingest,soak,drain,stalled,workers]
                               [--json out.json]
     python tests/bench/run.py --only hostile   # 10,000 hostile requests (not in the default run)
+    python tests/bench/run.py --only bridge,handover  # bridge mode (not in the default run)
     python tests/bench/run.py --servers broker --compare-with /path/to/other/checkout
 
 Starts its own redis-server, then for each scenario starts a fresh server
@@ -10,7 +11,9 @@ Starts its own redis-server, then for each scenario starts a fresh server
 the lean client of ``loadclient.py`` and prints one table of
 broker / naive ratios. The lifecycle scenarios (``soak``, ``drain``,
 ``stalled``) and ``workers`` (the fan-out against ``server.workers`` 1 and 2)
-run the broker alone and print their own tables. The machine is
+run the broker alone and print their own tables, as do ``bridge`` (bridge
+mode against stream mode) and ``handover`` (a bridge fleet's leader
+SIGKILLed), which run only when named. The machine is
 shared and noisy: compare ratios from one run, not absolute numbers across
 runs. See README.md in this folder.
 

@@ -13,8 +13,11 @@ COMPARED = ("idle", "fanout", "ingest")  # broker against the naive baseline
 LIFECYCLE = ("soak", "drain", "stalled")  # the broker alone
 EXTRA = ("workers",)  # the broker alone, server.workers = 1 against 2
 HOSTILE = ("hostile",)  # the broker alone, generated hostile requests; only with --only
-BROKER_ONLY = LIFECYCLE + EXTRA + HOSTILE
-SCENARIOS = COMPARED + LIFECYCLE + EXTRA + HOSTILE
+# Bridge mode (ingest.mode = "bridge"): its cost against stream mode, and a fleet
+# of three whose leader is SIGKILLed; only with --only (handover alone is ~4 min).
+BRIDGE = ("bridge", "handover")
+BROKER_ONLY = LIFECYCLE + EXTRA + HOSTILE + BRIDGE
+SCENARIOS = COMPARED + LIFECYCLE + EXTRA + HOSTILE + BRIDGE
 DEFAULT = COMPARED + LIFECYCLE + EXTRA  # workers adds ~40 s full, ~25 s quick
 
 
@@ -57,6 +60,21 @@ class Settings:
     # hostile: generated requests (tests/test_hostile_requests.py), after the classic attacks
     hostile_requests: int = 10_000
     hostile_cap: float = 300
+    # bridge: the same fan-out by a broker in stream mode, then in bridge mode
+    bridge_subs: int = 1000  # over bridge_channels channels, one client process each
+    bridge_channels: int = 4
+    bridge_rate: float = 50.0  # events/s on each channel
+    bridge_seconds: float = 20.0
+    bridge_cap: float = 150.0
+    # handover: 3 bridge-mode brokers on a fresh redis per run, the leader SIGKILLed
+    handover_runs: int = 10
+    handover_brokers: int = 3
+    handover_clients: int = 16
+    handover_channels: int = 64  # each client subscribes to channels / clients of them
+    handover_rate: float = 1000.0  # events/s over all channels
+    handover_seconds: float = 12.0
+    handover_kill_after: float = 5.0  # seconds into publishing
+    handover_cap: float = 420.0
     settle_seconds: float = 2.0
 
     def cap_for(self, scenarios: Sequence[str], brokers: int = 1) -> float:
@@ -68,6 +86,8 @@ class Settings:
             "stalled": self.stalled_cap,
             "workers": self.workers_cap,
             "hostile": self.hostile_cap,
+            "bridge": self.bridge_cap,
+            "handover": self.handover_cap,
         }
         # cap_seconds covers two servers (the broker and the naive baseline).
         compared = self.cap_seconds if any(x in COMPARED for x in scenarios) else 0.0
@@ -83,6 +103,7 @@ class Settings:
             self.drain_conns,
             self.stalled_fast + self.stalled_slow,
             self.workers_subs,
+            self.bridge_subs,
         )
 
     @classmethod
@@ -108,6 +129,11 @@ class Settings:
                 workers_cap=90,
                 hostile_requests=2_000,
                 hostile_cap=120,
+                bridge_subs=300,
+                bridge_seconds=8.0,
+                bridge_cap=90.0,
+                handover_runs=3,
+                handover_cap=150.0,
             )
         return cls(
             idle_conns=5000,
