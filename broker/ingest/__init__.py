@@ -112,6 +112,23 @@ class Ingest(Protocol):
         """The ingest's own gauges for /metrics (names without the prefix)."""
 
 
+class ReadsEveryChannel:
+    """The defaults of an ingest that reads every channel at once (a pattern
+    subscription, a stream): nothing to do per channel, no gauges of its own."""
+
+    async def subscribe(self, channels: Collection[str]) -> None:
+        return None
+
+    def release(self, channel: str) -> None:
+        return None
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Context:
     """What an ingest may use: the configuration, Redis (to read, and to write —

@@ -41,7 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from broker.envelope import DECODERS, encode_stream
 from broker.errors import Rejected
-from broker.ingest import Backoff, Context, Sink, Sources
+from broker.ingest import Backoff, Context, ReadsEveryChannel, Sink, Sources
 from broker.ingest.pubsub import PubSubIngest
 from broker.ingest.stream import StreamIngest
 from broker.metrics import Stats
@@ -127,7 +127,7 @@ def place(tail: list[str], buffer: list[str]) -> list[int]:
     return found
 
 
-class Relay:
+class Relay(ReadsEveryChannel):
     """The pub/sub half: listens everywhere, appends where it holds the lease."""
 
     def __init__(self, context: Context, decode: Callable[[str, bytes, int], Fields]) -> None:
@@ -179,12 +179,6 @@ class Relay:
 
     async def check(self, sink: Sink) -> None:
         await self.subscription.check(sink)
-
-    async def subscribe(self, channels: Collection[str]) -> None:
-        return None
-
-    def release(self, channel: str) -> None:
-        return None
 
     async def close(self) -> None:
         if self.lease is not None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import cast
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker.ingest import CANARY_PREFIX, Backoff, Context, Sink
+from broker.ingest import CANARY_PREFIX, Backoff, Context, ReadsEveryChannel, Sink
 from broker.positions import SequenceIds
 from broker.redis_conn import RedisTarget
 
@@ -155,7 +155,7 @@ class _Subscriber(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-class PubSubIngest:
+class PubSubIngest(ReadsEveryChannel):
     """Keeps one PSUBSCRIBE alive forever, reconnecting with capped, jittered backoff.
 
     The sink hears ``connected(True)`` each time the subscription is
@@ -294,19 +294,6 @@ class PubSubIngest:
             self._canary_pending = None
             if self._sink is not None:
                 self._sink.moving()
-
-    # Every channel is read (one pattern): nothing to do per channel.
-    async def subscribe(self, channels: Collection[str]) -> None:
-        return None
-
-    def release(self, channel: str) -> None:
-        return None
-
-    def gauges(self) -> dict[str, float]:
-        return {}
-
-    async def close(self) -> None:
-        return None
 
 
 def build(context: Context) -> PubSubIngest:

@@ -8,14 +8,13 @@ on from the last id it handled: an outage leaves no hole.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from broker.ingest import Backoff, Context, Sink
+from broker.ingest import Backoff, Context, ReadsEveryChannel, Sink
 from broker.positions import Entry, StreamIds, previous_id, stream_seq
 from broker.redis_conn import RedisTarget
 
@@ -26,7 +25,7 @@ BATCH = 1000
 BLOCK_MS = 1000
 
 
-class StreamIngest:
+class StreamIngest(ReadsEveryChannel):
     """Reads ``stream_key`` with XREAD forever, reporting each entry to the sink.
 
     Before the first read the sink hears ``started(last id)`` (this
@@ -172,16 +171,6 @@ class StreamIngest:
         elif position != self._checked:
             sink.moving()
         self._checked = position
-
-    # Every channel is in the one stream: nothing to do per channel.
-    async def subscribe(self, channels: Collection[str]) -> None:
-        return None
-
-    def release(self, channel: str) -> None:
-        return None
-
-    def gauges(self) -> dict[str, float]:
-        return {}
 
     async def close(self) -> None:
         if self._probe is not None:
