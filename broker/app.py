@@ -20,7 +20,6 @@ The HTTP layer (``http.py``, ``admin.py``) reaches the parts through an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import fields, replace
@@ -48,6 +47,8 @@ from broker.scheduler import Periodic
 from broker.streams import Streams
 
 log = logging.getLogger(__name__)
+
+STOP_SECONDS = 5.0  # how long a cancelled ingest may take to end
 
 # What a reload cannot change under a running process (None: the whole section).
 _RESTART_KEYS: dict[str, frozenset[str] | None] = {
@@ -177,9 +178,15 @@ class Broker:
     def restart_ingest(self) -> None:
         """Drop the subscription/reader and build a fresh one (the ingest's own
         reconnect path: outage handling included)."""
-        if self._ingest_task is not None:
-            self._ingest_task.cancel()
-        self._ingest_task = asyncio.create_task(self.ingest.run(self.intake), name="ingest")
+        old = self._ingest_task
+        self._ingest_task = asyncio.create_task(self._run_ingest(old), name="ingest")
+
+    async def _run_ingest(self, old: asyncio.Task[None] | None) -> None:
+        # The old run ends before the new one starts: the same reader object
+        # must never read twice at once (events would be delivered twice).
+        if old is not None:
+            await _finish(old)
+        await self.ingest.run(self.intake)
 
     def _gauges(self) -> dict[str, float]:
         return {
@@ -264,12 +271,21 @@ class Broker:
         self.streams.stop()
         await self.auth.close()
         self.expiry.stop()
-        if self._ingest_task is not None:
-            self._ingest_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ingest_task
-            self._ingest_task = None
+        # Given up first (a bridge's lease): the fleet need not wait for it to expire.
         await self.ingest.close()
+        if self._ingest_task is not None:
+            await _finish(self._ingest_task)
+            self._ingest_task = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end, at most STOP_SECONDS (a task that
+    outlives that is logged, not waited for forever). The caller's own
+    cancellation still propagates."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=STOP_SECONDS)
+    if not done:
+        log.error("the ingest did not stop within %.0f s of being cancelled", STOP_SECONDS)

@@ -1,9 +1,14 @@
 """Tenancy as a property: every connection receives exactly the events it may see.
 
 One broker in jwt mode serves every hypothesis example (each example works on
-channels under its own prefix). An example draws a few identities (user,
-tenant, granted channel patterns, wanted channels) and three batches of
-events (channel, tenant, users, retain), then:
+channels under its own prefix), run once per ingest mode that takes PUBLISH:
+``pubsub`` (history and retained state in the process) and ``bridge`` (the same
+PUBLISHes appended to a Redis stream by the lease holder, served from it:
+stream ids, retained state in Redis). The oracle is the same for both.
+
+An example draws a few identities (user, tenant, granted channel patterns,
+wanted channels) and three batches of events (channel, tenant, users,
+retain), then:
 
 1. opens a stream per identity (an ungranted channel must be refused with 403
    naming it; the granted ones are subscribed) and publishes batch 1 live;
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from conftest import BrokerProcess, StartBroker
+from helpers import eventually
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sse_client import SSEClient, SSEStream
@@ -61,6 +68,8 @@ TEMPLATES = {
 }
 # auth.grants of the broker: every identity may read its own user channel.
 CONFIG_GRANTS = "['*.user.{user}']"
+# The event ids each mode hands out: the bridge serves from the stream.
+ID_FORMS = {"pubsub": re.compile(r"p[0-9]+-[0-9]+"), "bridge": re.compile(r"[0-9]+-[0-9]+")}
 
 
 def channel_name(prefix: str, key: str) -> str:
@@ -191,7 +200,7 @@ _EXAMPLES = itertools.count()
 _BROKERS: dict[int, BrokerProcess] = {}
 
 
-async def the_broker(start_broker: StartBroker) -> BrokerProcess:
+async def the_broker(start_broker: StartBroker, mode: str) -> BrokerProcess:
     """One broker for all examples of the test run (keyed by the fixture instance)."""
     key = id(start_broker)
     broker = _BROKERS.get(key)
@@ -203,7 +212,14 @@ async def the_broker(start_broker: StartBroker) -> BrokerProcess:
             f"auth.grants={CONFIG_GRANTS}",
             "auth.jwt.leeway_seconds=0",
             "sse.heartbeat_seconds=300",  # no id-only heartbeats mid-example
+            f"ingest.mode={mode}",
         )
+        if mode == "bridge":
+            # Ready is not leading: a PUBLISH before the lease is taken is
+            # heard by nobody who appends it.
+            await eventually(
+                lambda: broker.metric("sse_broker_bridge_leader"), lambda v: v == 1, timeout=15
+            )
     return broker
 
 
@@ -293,6 +309,7 @@ async def refused_403(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pubsub", "bridge"])
 @settings(
     max_examples=50,
     deadline=None,
@@ -303,9 +320,10 @@ async def test_every_connection_gets_exactly_what_it_may_see(
     start_broker: StartBroker,
     redis_client: aioredis.Redis,
     http: aiohttp.ClientSession,
+    mode: str,
     scenario: Scenario,
 ) -> None:
-    broker = await the_broker(start_broker)
+    broker = await the_broker(start_broker, mode)
     prefix = f"p{next(_EXAMPLES)}"
     pub = Publisher(redis_client, prefix)
 
@@ -336,6 +354,7 @@ async def test_every_connection_gets_exactly_what_it_may_see(
         for i, ((_, _, drop), s) in enumerate(zip(members, streams, strict=True)):
             if drop:
                 resume_from[i] = s.parser.last_event_id
+                assert ID_FORMS[mode].fullmatch(resume_from[i]), (mode, resume_from[i])
                 s.disconnect()
         batch2 = await pub.batch(scenario.batches[1])
         for i, (ident, subscribed, _) in enumerate(members):

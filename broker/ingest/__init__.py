@@ -141,6 +141,20 @@ class Context:
     stats: Stats
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation a Redis call swallowed.
+
+    redis-py runs every command under ``asyncio.wait_for`` (its socket
+    timeout), and on Python 3.11 ``wait_for`` returns normally when the
+    cancellation arrives just as the command completes (fixed in 3.12): a
+    loop around Redis calls would read on after its task was cancelled, and a
+    stopping broker would never stop. Every such loop calls this each turn.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Capped, jittered exponential waits between reconnect attempts."""
 

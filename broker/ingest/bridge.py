@@ -41,7 +41,14 @@ from redis.exceptions import RedisError, ResponseError
 
 from broker.envelope import DECODERS, encode_stream
 from broker.errors import Rejected
-from broker.ingest import Backoff, Context, ReadsEveryChannel, Sink, Sources
+from broker.ingest import (
+    Backoff,
+    Context,
+    ReadsEveryChannel,
+    Sink,
+    Sources,
+    raise_if_cancelled,
+)
 from broker.ingest.pubsub import PubSubIngest
 from broker.ingest.stream import StreamIngest
 from broker.metrics import Stats
@@ -162,6 +169,7 @@ class Relay(ReadsEveryChannel):
         self._wake = asyncio.Event()  # try for the lease now (just subscribed)
         self._append: AsyncScript | None = None
         self._next_complaint = 0.0
+        self._closing = False
 
     # -- the Ingest interface (the reader half serves clients) --------------------------
 
@@ -180,7 +188,11 @@ class Relay(ReadsEveryChannel):
     async def check(self, sink: Sink) -> None:
         await self.subscription.check(sink)
 
+    def closing(self) -> bool:
+        return self._closing
+
     async def close(self) -> None:
+        self._closing = True  # and never take the lease again
         if self.lease is not None:
             try:
                 await self._commands().eval(_RENEW, 1, self.lease_key, self.lease, 0)
@@ -267,6 +279,7 @@ class Relay(ReadsEveryChannel):
             append = self._append = client.register_script(_APPEND)
         backoff = Backoff()
         while (self.pending or self._hole_owed) and self.lease is not None:
+            raise_if_cancelled()
             batch: list[Fields] = []
             if self._hole_owed:
                 batch.append({HOLE.decode(): "outage"})
@@ -307,6 +320,7 @@ class Relay(ReadsEveryChannel):
     async def _hold_lease(self) -> None:
         period = self.lease_ms / 3000
         while True:
+            raise_if_cancelled()
             try:
                 if self.lease is None:
                     await self._try_take()
@@ -337,8 +351,8 @@ class Relay(ReadsEveryChannel):
         self._hole_owed = False
 
     async def _try_take(self) -> None:
-        if self.since is None:
-            return  # not listening: could not append what it does not hear
+        if self.since is None or self.closing():
+            return  # not listening (could not append what it does not hear), or stopping
         client = self._commands()
         value = await client.eval(
             _ACQUIRE, 2, self.lease_key, self.fence_key, self.instance, self.lease_ms
@@ -355,6 +369,9 @@ class Relay(ReadsEveryChannel):
         except ResponseError:
             newest_ms = 0  # no stream yet
         now_s, now_us = await client.time()
+        if self.closing():  # stopping meanwhile: hand the lease straight back
+            await client.eval(_RENEW, 1, self.lease_key, lease, 0)
+            return
         first = lease.startswith("1:")  # the first lease ever: nobody appended before
         # No await from here on: the buffer is read at one instant, and every
         # message heard after it is queued by ``heard`` once the lease is set.

@@ -19,7 +19,14 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker.ingest import CANARY_PREFIX, Backoff, Context, ReadsEveryChannel, Sink
+from broker.ingest import (
+    CANARY_PREFIX,
+    Backoff,
+    Context,
+    ReadsEveryChannel,
+    Sink,
+    raise_if_cancelled,
+)
 from broker.positions import SequenceIds
 from broker.redis_conn import RedisTarget
 
@@ -234,6 +241,7 @@ class PubSubIngest(ReadsEveryChannel):
         self._sink = sink
         backoff = Backoff()
         while True:
+            raise_if_cancelled()
             proto: _Subscriber | None = None
             try:
                 proto = await asyncio.wait_for(self._connect(sink), self._connect_timeout)

@@ -14,7 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from broker.ingest import Backoff, Context, ReadsEveryChannel, Sink
+from broker.ingest import Backoff, Context, ReadsEveryChannel, Sink, raise_if_cancelled
 from broker.positions import Entry, StreamIds, previous_id, stream_seq
 from broker.redis_conn import RedisTarget
 
@@ -108,6 +108,7 @@ class StreamIngest(ReadsEveryChannel):
     async def run(self, sink: Sink) -> None:
         backoff = Backoff()
         while True:
+            raise_if_cancelled()
             client = self._client()
             try:
                 if self.position is None:
@@ -119,6 +120,7 @@ class StreamIngest(ReadsEveryChannel):
                 log.info("reading stream %s from %s", self.stream_key, self.position)
                 backoff.reset()
                 while True:
+                    raise_if_cancelled()
                     entries = await self._read(client, sink)
                     if not entries:
                         # Wait for news; the next _read fetches it.
