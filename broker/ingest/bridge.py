@@ -1,5 +1,9 @@
 """Bridge mode: plain PUBLISH in, a Redis stream out, exact resume on any process.
 
+(Over 400 lines on purpose: the relay's lease, buffer and appends are one state
+machine — who holds the lease decides what is appended and what is buffered —
+and split apart each half would reach into the other's fields.)
+
 Every process of the fleet reads the stream exactly as in stream mode (the
 :class:`~broker.ingest.stream.StreamIngest` half) and listens to pub/sub (the
 :class:`Relay` half). One of them — the holder of a lease in Redis — appends
