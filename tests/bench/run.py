@@ -110,10 +110,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
         current = getattr(settings, name, None)
         if not sep or name not in Settings.__dataclass_fields__ or current is None:
             parser.error(f"--param {item!r}: expected NAME=VALUE with NAME a Settings field")
+        # The declared type, not the default's: a float field may default to 50.
+        declared = Settings.__dataclass_fields__[name].type
+        declared_name = declared if isinstance(declared, str) else declared.__name__
+        kind = {"int": int, "float": float, "str": str}.get(declared_name, type(current))
         try:
-            settings = replace(settings, **{name: type(current)(value)})
+            settings = replace(settings, **{name: kind(value)})
         except ValueError:
-            parser.error(f"--param {item!r}: not a {type(current).__name__}")
+            parser.error(f"--param {item!r}: not a {kind.__name__}")
     return args, scenarios, servers, settings
 
 
