@@ -25,6 +25,7 @@ from broker.config import Config
 from broker.connection import Connection
 from broker.envelope import Event, Published
 from broker.metrics import Metrics, Stats
+from broker.positions import SequenceIds
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ class Hub:
         self.write_buffer_bytes = write_buffer_bytes
         self.write_timeout = write_timeout
         self.epoch = epoch or new_epoch()
-        # Pub/sub ids: "p<epoch>-<seq>", never mistaken for a stream id (positions.py).
-        self._id_prefix = f"p{self.epoch}-"
+        # Pub/sub ids (positions.SequenceIds), built here per event from their prefix.
+        self._id_prefix = SequenceIds(self.epoch).prefix
         self.seq = 0
         self.head = f"{self._id_prefix}0"  # id of the newest event
         self.connections: set[Connection] = set()

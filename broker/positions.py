@@ -112,9 +112,10 @@ class SequenceIds:
 
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
+        self.prefix = f"p{epoch}-"  # an id is this and the sequence
 
     def format(self, seq: int) -> str:
-        return f"p{self.epoch}-{seq}"
+        return f"{self.prefix}{seq}"
 
     def parse(self, last_id: str) -> int | str:
         parts = split_event_id(last_id[1:]) if last_id.startswith("p") else None

@@ -109,3 +109,10 @@ def test_digests_name_channel_and_bytes() -> None:
     assert digest("a", b"x") == digest("a", b"x")
     assert len({digest("a", b"x"), digest("b", b"x"), digest("a", b"y"), digest("a", b"x ")}) == 4
     assert digest("a\0b", b"") != digest("a", b"b"), "the separator keeps fields apart"
+
+
+def test_the_first_lease_on_no_stream_appends_its_buffer_without_a_hole() -> None:
+    r = relay("ab", listened=0.5)  # just started: a later holder would owe a hole
+    entries, hole = r._handover([], 0, NOW_MS, first=True)
+    assert ("".join(f["data"] for f in entries), hole) == ("ab", False)
+    assert r._handover([], 0, NOW_MS)[1] is True

@@ -379,8 +379,7 @@ class Relay(ReadsEveryChannel):
         first = lease.startswith("1:")  # the first lease ever: nobody appended before
         # No await from here on: the buffer is read at one instant, and every
         # message heard after it is queued by ``heard`` once the lease is set.
-        entries, hole = self._handover(tail, newest_ms, now_s * 1000 + now_us // 1000)
-        hole = hole and not (first and newest_ms == 0)
+        entries, hole = self._handover(tail, newest_ms, now_s * 1000 + now_us // 1000, first=first)
         self.stats.bridge_takeovers += 1
         self.lease = lease
         self._hole_owed = hole
@@ -405,12 +404,12 @@ class Relay(ReadsEveryChannel):
             await client.wait(1, 500)
 
     def _handover(
-        self, tail: list[Entry], newest_ms: int, now_ms: int
+        self, tail: list[Entry], newest_ms: int, now_ms: int, *, first: bool = False
     ) -> tuple[list[Fields], bool]:
         """What the new leader appends from its buffer, and whether a hole marker
         must go first (``tail``: the stream's last entries, newest first;
         ``newest_ms``: the time of the last id it ever generated; ``now_ms``:
-        Redis's clock)."""
+        Redis's clock; ``first``: the first lease ever taken)."""
         buffered = list(self.buffer)
         digests = [b.digest for b in buffered]
         marks = [f[b"digest"].decode() for _, f in tail if b"digest" in f]
@@ -426,6 +425,8 @@ class Relay(ReadsEveryChannel):
         # No entry of the stream is in the buffer. That is no loss only when the
         # newest entry is older than anything the buffer may hold and the
         # buffer holds everything heard since: then all of it is new.
+        if first and newest_ms == 0:
+            return [b.fields for b in buffered], False  # the first lease, no stream: nothing before
         heard_for = time.monotonic() - self.since if self.since is not None else 0.0
         whole = heard_for >= self.window and not self.overflowed
         old_enough = now_ms - newest_ms > self.window * 1000

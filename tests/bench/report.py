@@ -202,3 +202,13 @@ def write_json(
     if compared is not None:
         doc["compare"] = [asdict(r) for r in compared]
     path.write_text(json.dumps(doc, indent=2, default=str))
+
+
+def print_ratios(
+    title: str, a: dict[str, Any], b: dict[str, Any], keys: Iterable[tuple[str, str]]
+) -> None:
+    """One line per figure both sides have: ``<title>, <label>: b / a``."""
+    for key, label in keys:
+        x, y = a.get(key), b.get(key)
+        if x and y:
+            print(f"{title}, {label}: {y / x:.2f}")

@@ -22,12 +22,14 @@ import orjson
 import procs
 import redis
 from procs import BenchError, ClientPool, Deadline
-from report import Figure, Metric, Row, figures_of, pair_cells, print_grid
+from report import Figure, Metric, Row, figures_of, pair_cells, print_grid, print_ratios
 from settings import Settings
 from targets import Context, Server
 
 from scenarios.base import Result, Scenario
 from scenarios.measure import (
+    COMPLETENESS,
+    END_CHECKS,
     Sampler,
     completeness,
     deliveries,
@@ -60,12 +62,8 @@ METRICS: list[Metric] = [
     ("lag_max_ms", "bridge lag max ms (sse_broker_bridge_lag_seconds)", ""),
     ("appended", "appended by the bridge (broker counter)", ""),
     ("stream_entries", "stream entries at the end (XLEN)", ""),
-    ("missing_after_drain", "events missing after drain", "lower"),
-    ("gaps", "gaps (lost mid-stream)", "lower"),
-    ("out_of_order", "out of order / duplicate", "lower"),
-    ("streams_dropped", "streams closed by the broker", "lower"),
-    ("incomplete_streams", "streams incomplete at the end", "lower"),
-    ("log_problems", "broker log ERROR lines", "lower"),
+    *COMPLETENESS,
+    *END_CHECKS,
 ]
 
 
@@ -252,14 +250,16 @@ def print_bridge(r: Result, s: Settings) -> None:
         f"{s.bridge_rate:g} events/s per channel for {s.bridge_seconds:g} s; stream mode: the "
         "publisher XADDs (MINID ~ now - 300 s); bridge mode: it PUBLISHes, the broker appends"
     )
-    for key, label in (
-        ("p50_ms", "p50 latency"),
-        ("p99_ms", "p99 latency"),
-        ("cpu_us_per_delivery", "server CPU per delivery"),
-    ):
-        a, b = stream.get(key), bridged.get(key)
-        if a and b:
-            print(f"bridge / stream, {label}: {b / a:.2f}")
+    print_ratios(
+        "bridge / stream",
+        stream,
+        bridged,
+        (
+            ("p50_ms", "p50 latency"),
+            ("p99_ms", "p99 latency"),
+            ("cpu_us_per_delivery", "server CPU per delivery"),
+        ),
+    )
 
 
 def figures(r: Result, s: Settings) -> list[Figure]:

@@ -15,7 +15,13 @@ from report import Metric
 from targets import Context, Server
 
 from scenarios.base import Result, Scenario
-from scenarios.measure import completeness, latency_summary, publish_paced, streams_connected
+from scenarios.measure import (
+    COMPLETENESS,
+    completeness,
+    latency_summary,
+    publish_paced,
+    streams_connected,
+)
 
 METRICS: list[Metric] = [
     ("p50_ms", "latency p50 ms", "lower"),
@@ -29,9 +35,7 @@ METRICS: list[Metric] = [
     ("target_per_s", "target deliveries/s", ""),
     ("cpu_us_per_delivery", "server CPU us per delivery", "lower"),
     ("client_cpu_us_per_delivery", "load-client CPU us per delivery", ""),
-    ("missing_after_drain", "events missing after drain", "lower"),
-    ("gaps", "gaps (lost mid-stream)", "lower"),
-    ("out_of_order", "out of order / duplicate", "lower"),
+    *COMPLETENESS,
     ("streams_dropped", "streams closed by server", "lower"),
 ]
 

@@ -17,7 +17,21 @@ import orjson
 import procs
 import redis
 from procs import BenchError, Deadline
+from report import Metric
 from targets import Server
+
+# The rows every delivery scenario reports from completeness(): all must be 0.
+COMPLETENESS: list[Metric] = [
+    ("missing_after_drain", "events missing after drain", "lower"),
+    ("gaps", "gaps (lost mid-stream)", "lower"),
+    ("out_of_order", "out of order / duplicate", "lower"),
+]
+# And, where the broker's streams and log are watched to the end:
+END_CHECKS: list[Metric] = [
+    ("streams_dropped", "streams closed by the broker", "lower"),
+    ("incomplete_streams", "streams incomplete at the end", "lower"),
+    ("log_problems", "broker log ERROR lines", "lower"),
+]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

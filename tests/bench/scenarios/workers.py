@@ -9,13 +9,13 @@ from typing import Any
 import procs
 import redis
 from procs import BenchError
-from report import Figure, Metric, Row, figures_of, pair_cells, print_grid
+from report import Figure, Metric, Row, figures_of, pair_cells, print_grid, print_ratios
 from settings import Settings
 from targets import Context
 
 from scenarios.base import Result, Scenario
 from scenarios.fanout import fanout_measure
-from scenarios.measure import TreeRss, log_problems
+from scenarios.measure import COMPLETENESS, END_CHECKS, TreeRss, log_problems
 
 METRICS: list[Metric] = [
     ("subscribers", "subscribers (one channel)", ""),
@@ -36,12 +36,8 @@ METRICS: list[Metric] = [
     ("rss_end_kib", "server RSS sum, end KiB", "lower"),
     ("streams_per_worker", "streams per worker (worker /metrics)", ""),
     ("streams_metric", "streams, admin /metrics (summed)", ""),
-    ("missing_after_drain", "events missing after drain", "lower"),
-    ("gaps", "gaps (lost mid-stream)", "lower"),
-    ("out_of_order", "out of order / duplicate", "lower"),
-    ("streams_dropped", "streams closed by the broker", "lower"),
-    ("incomplete_streams", "streams incomplete at the end", "lower"),
-    ("log_problems", "broker log ERROR lines", "lower"),
+    *COMPLETENESS,
+    *END_CHECKS,
 ]
 SIDES = ("1 worker", "2 workers")
 
@@ -118,10 +114,12 @@ def print_workers(r: Result, s: Settings) -> None:
         f"{s.workers_seconds:g} s; load clients, redis and the broker share "
         f"{len(os.sched_getaffinity(0))} cores"
     )
-    for key, label in (("delivered_per_s", "throughput"), ("p99_ms", "p99 latency")):
-        a, b = one.get(key), two.get(key)
-        if a and b:
-            print(f"2 workers / 1 worker, {label}: {b / a:.2f}")
+    print_ratios(
+        "2 workers / 1 worker",
+        one,
+        two,
+        (("delivered_per_s", "throughput"), ("p99_ms", "p99 latency")),
+    )
 
 
 def figures(r: Result, s: Settings) -> list[Figure]:
