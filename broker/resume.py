@@ -42,7 +42,7 @@ from broker.retained_store import RedisRetained
 log = logging.getLogger(__name__)
 
 XRANGE_BATCH = 1000
-COUNT_BATCH = 200  # entries per counting call: each holds Redis for well under 1 ms
+COUNT_BATCH = 100  # entries per counting call: each holds Redis for about 0.2 ms
 
 # Counts the entries of a range, in Redis: (how many, the last id). The broker
 # learns how far back a resume reaches without receiving or parsing a byte of
@@ -140,6 +140,10 @@ class Resume:
         self.settings = settings  # the current configuration (a reload replaces it)
         self.stream = stream
         self.stream_start = 0  # stream mode: this instance's history begins after it
+        # Resume reads go to Redis one call at a time, however many resumes scan:
+        # Redis runs commands in turn, so scans in parallel would finish no sooner,
+        # while every live XADD and XREAD would queue behind one call per scan.
+        self.lane = asyncio.Lock()
 
     async def backlog(
         self, conn: Connection, last_id: str | None, position: tuple[int, str]
@@ -221,7 +225,7 @@ class Resume:
         max_bytes = cfg.replay.max_bytes
         if budget == 0 or await trimmed_after(client, key, last_id, seq):
             return "expired", []
-        if not await _within(client, key, last_id, upto_id, budget):
+        if not await _within(client, self.lane, key, last_id, upto_id, budget):
             # Further back than a resume may read: the honest reset, not a scan
             # of the whole stream on a client's say-so.
             return "expired", []
@@ -231,10 +235,11 @@ class Resume:
         start = "(" + last_id
         while True:
             count = min(XRANGE_BATCH, budget + 1)
-            entries = cast(
-                list[Entry],
-                await client.xrange(key, min=start, max=upto_id, count=count),
-            )
+            async with self.lane:
+                entries = cast(
+                    list[Entry],
+                    await client.xrange(key, min=start, max=upto_id, count=count),
+                )
             budget -= len(entries)
             if budget < 0:
                 return "expired", []  # the stream grew past the bound meanwhile
@@ -290,13 +295,19 @@ async def trimmed_after(client: aioredis.Redis, key: str, last_id: str, seq: int
 
 
 async def _within(
-    client: aioredis.Redis, key: str, last_id: str, upto_id: str, budget: int
+    client: aioredis.Redis,
+    lane: asyncio.Lock,
+    key: str,
+    last_id: str,
+    upto_id: str,
+    budget: int,
 ) -> bool:
     """Whether at most ``budget`` entries lie after ``last_id`` up to ``upto_id``."""
     start = "(" + last_id
     while True:
         count = min(COUNT_BATCH, budget + 1)
-        n, last = await client.eval(_COUNT_RANGE, 1, key, start, upto_id, count)
+        async with lane:
+            n, last = await client.eval(_COUNT_RANGE, 1, key, start, upto_id, count)
         budget -= int(n)
         if budget < 0:
             return False
